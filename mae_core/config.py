@@ -1,0 +1,92 @@
+"""TrainConfig: everything one training run needs, typed, loadable from YAML.
+
+The global batch is the invariant: gradient accumulation is derived from it and the world size
+at start-up, so the learning rate does not change when a run moves to fewer devices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mae_core.data.config import DataConfig
+from mae_core.masking import MaskStrategy
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    arch: str = Field(default="mae_vit_tiny_patch4", description="registered model name, see mae_core.model.MODELS")
+    mask_ratio: float = Field(default=0.75, gt=0.0, lt=1.0)
+    mask_strategy: MaskStrategy = "random"
+    norm_pix_loss: bool = True
+    decoder_embed_dim: int | None = Field(default=None, gt=0, description="None keeps the arch default")
+    decoder_depth: int | None = Field(default=None, ge=0)
+    decoder_num_heads: int | None = Field(default=None, gt=0)
+    mask_tokens_in_encoder: bool = Field(default=False, description="paper Table 1c baseline, for ablations")
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(default=1, gt=0)
+    warmup_epochs: float = Field(default=0.0, ge=0.0)
+    blr: float = Field(default=1.5e-4, gt=0.0, description="base lr; lr = blr * global_batch / 256")
+    min_lr: float = Field(default=0.0, ge=0.0)
+    weight_decay: float = Field(default=0.05, ge=0.0)
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
+    global_batch: int = Field(default=64, gt=0, description="images per optimizer step over all devices")
+    per_device_batch: int = Field(default=32, gt=0, description="images per device per micro-step")
+
+    @model_validator(mode="after")
+    def _divides(self) -> OptimConfig:
+        if self.global_batch % self.per_device_batch:
+            raise ValueError(f"optim.global_batch={self.global_batch} is not a multiple of "
+                             f"optim.per_device_batch={self.per_device_batch}; pick sizes that divide")
+        return self
+
+    def lr(self) -> float:
+        return self.blr * self.global_batch / 256
+
+
+class CheckpointConfig(_Section):
+    interval_steps: int | None = Field(default=100, gt=0, description="save every N optimizer steps")
+    interval_minutes: float | None = Field(default=None, gt=0, description="also save every N minutes")
+    keep_last: int = Field(default=2, gt=0)
+    keep_every_epochs: int | None = Field(default=None, gt=0, description="keep one checkpoint every N epochs")
+    async_save: bool = False
+
+
+class TrainConfig(_Section):
+    output: str = Field(default="runs/default", description="fsspec URL: checkpoints/, metrics.jsonl, tb/")
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    threads: int | None = Field(default=None, gt=0, description="torch intra-op threads per process")
+    log_interval: int = Field(default=1, gt=0, description="steps between metric records")
+    stop_after_step: int | None = Field(
+        default=None, gt=0, description="checkpoint and exit at this step; the schedule is unchanged"
+    )
+
+    def fingerprint(self) -> str:
+        """Hash of what determines the numbers a run produces; a resume must match it."""
+        math_fields = self.model_dump(include={"seed", "model", "data", "optim", "precision"})
+        return hashlib.sha256(json.dumps(math_fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,31 @@
+"""What the trainer reads: the data section of a TrainConfig."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | list[str] | None = Field(
+        default=None,
+        description="fsspec URL of the training images: tar shards (a brace pattern such as "
+        "s3://bucket/train-{000000..001023}.tar, a list of URLs, or a folder with a manifest.json) "
+        "or an image folder (class sub-folders or flat); None trains on a seeded synthetic in-memory dataset",
+    )
+    num_samples: int = Field(default=1024, gt=0, description="size of the synthetic dataset")
+    input_size: int = Field(default=32, gt=0, description="side of the square crops fed to the model")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank")
+    shuffle_buffer: int = Field(
+        default=1000, gt=0,
+        description="samples each reader holds for its shuffle; each holds this many encoded images in memory",
+    )
+    files_per_read: int = Field(
+        default=64, gt=0,
+        description="image-folder files fetched together (concurrently on object stores) as one read unit",
+    )
+    io_retries: int = Field(
+        default=5, ge=0,
+        description="retries, with exponential backoff, of a shard read that fails with a transient error",
+    )

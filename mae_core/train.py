@@ -1,0 +1,247 @@
+"""The MAE pre-training loop. Reads top to bottom: set-up, resume, steps, checkpoints, exit.
+
+    python -m mae_core.train CONFIG.yaml                       # one process
+    python -m mae_core.launch --nproc 2 CONFIG.yaml            # N local processes (gloo on CPU)
+    torchrun --nproc_per_node 8 -m mae_core.train CONFIG.yaml  # any launcher that sets RANK etc.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import ValidationError
+
+from mae_core import storage
+from mae_core.checkpoint import Checkpointer, CheckpointError, TrainState, rng_state, set_rng_state
+from mae_core.config import TrainConfig
+from mae_core.data import build_source
+from mae_core.distributed import DistEnv, init_distributed, shard_model, shutdown
+from mae_core.metrics import MetricsWriter
+from mae_core.model import MaskedAutoencoderViT, build_model
+from mae_core.optim import build_optimizer, lr_at, set_lr
+from mae_core.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
+
+log = logging.getLogger("mae_core.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
+    per_round = cfg.optim.per_device_batch * world_size
+    if cfg.optim.global_batch % per_round:
+        raise ValueError(
+            f"optim.global_batch={cfg.optim.global_batch} is not divisible by per_device_batch "
+            f"({cfg.optim.per_device_batch}) x world size ({world_size}); change either so it divides")
+    return cfg.optim.global_batch // per_round
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Batch arithmetic derived from the config and the world size; the global batch is fixed."""
+
+    accum_steps: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+
+    @classmethod
+    def derive(cls, cfg: TrainConfig, accum: int, batches_per_epoch: int) -> Schedule:
+        steps_per_epoch = batches_per_epoch // accum
+        return cls(accum_steps=accum, steps_per_epoch=steps_per_epoch,
+                   total_steps=cfg.optim.epochs * steps_per_epoch,
+                   warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch), lr=cfg.optim.lr())
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    status: Literal["completed", "stopped", "preempted"]
+    step: int
+
+
+def make_model(cfg: TrainConfig) -> MaskedAutoencoderViT:
+    m = cfg.model
+    overrides = {k: v for k, v in {
+        "decoder_embed_dim": m.decoder_embed_dim, "decoder_depth": m.decoder_depth,
+        "decoder_num_heads": m.decoder_num_heads}.items() if v is not None}
+    return build_model(m.arch, img_size=cfg.data.input_size, norm_pix_loss=m.norm_pix_loss,
+                       mask_strategy=m.mask_strategy, mask_tokens_in_encoder=m.mask_tokens_in_encoder,
+                       **overrides)
+
+
+def mask_generator(seed: int, step: int, slice_index: int) -> torch.Generator:
+    """Masks depend only on (seed, step, which slice of the global batch): the same at any world
+    size and accumulation split, and reproduced exactly after a resume."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + step * 1_000_003 + slice_index) % 2**63)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    env = init_distributed()
+    try:
+        return _train(cfg, env)
+    finally:
+        shutdown()
+
+
+def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    model = make_model(cfg).to(env.device)
+    model.grad_checkpointing = cfg.activation_checkpointing
+    if cfg.compile:
+        for block in [*model.blocks, *model.decoder_blocks]:
+            block.compile()
+    shard_model(model, env)
+    optimizer = build_optimizer(model, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
+    seed_everything(cfg.seed + env.rank)
+
+    accum = accumulation_steps(cfg, env.world_size)
+    source = build_source(cfg.data, cfg.optim.per_device_batch, env.rank, env.world_size, cfg.seed,
+                          batches_multiple=accum)
+    sched = Schedule.derive(cfg, accum, source.batches_per_epoch)
+    state = TrainState(model, optimizer)
+    ckpt = Checkpointer(storage.join(cfg.output, "checkpoints"), env.rank, env.world_size,
+                        keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
+
+    step = 0
+    latest = ckpt.latest()
+    if latest is not None:
+        if latest.meta["fingerprint"] != cfg.fingerprint():
+            raise CheckpointError(
+                f"checkpoint {latest.url} was written by a different config (fingerprint "
+                f"{latest.meta['fingerprint']} != {cfg.fingerprint()}); use a new output URL to start over")
+        rank_state = ckpt.load(latest, state)
+        source.load_state_dict(rank_state["data"])
+        if latest.world_size == env.world_size:
+            set_rng_state(rank_state["rng"])
+        step = latest.step
+        if env.is_main:
+            log.info("resumed from %s at step %d", latest.url, step)
+    metrics = MetricsWriter(cfg.output, enabled=env.is_main, resume_step=step)
+    if env.is_main:
+        log.info("world %d, accumulation %d, lr %.3g, %d steps/epoch, %d steps total", env.world_size,
+                 sched.accum_steps, sched.lr, sched.steps_per_epoch, sched.total_steps)
+
+    def save(at_step: int, permanent: bool = False) -> None:
+        rank_state = {"data": source.state_dict(), "rng": rng_state()}
+        meta = {"fingerprint": cfg.fingerprint(), "global_batch": cfg.optim.global_batch}
+        ckpt.save(state, at_step, at_step // max(1, sched.steps_per_epoch), meta, rank_state, permanent)
+        metrics.flush()
+
+    flag = PreemptionFlag().install()
+    batches = iter(source)
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    params = [p for p in model.parameters() if p.requires_grad]
+    last_save = time.monotonic()
+    status: Literal["completed", "stopped", "preempted"] = "completed"
+    model.train()
+    while step < sched.total_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, sched.lr, cfg.optim.min_lr, sched.warmup_steps, sched.total_steps)
+        set_lr(optimizer, lr)
+        loss_sum = torch.zeros((), device=env.device)
+        for micro in range(sched.accum_steps):
+            imgs = next(batches).to(env.device, non_blocking=True)
+            model.set_requires_gradient_sync(micro == sched.accum_steps - 1)
+            gen = mask_generator(cfg.seed, step, micro * env.world_size + env.rank)
+            with autocast:
+                loss, _, _ = model(imgs, mask_ratio=cfg.model.mask_ratio, generator=gen)
+            (loss / sched.accum_steps).backward()
+            loss_sum += loss.detach().float()
+
+        # One collective per step carries the loss and every rank's stop/save votes.
+        save_due = cfg.checkpoint.interval_minutes is not None and env.is_main and \
+            time.monotonic() - last_save >= cfg.checkpoint.interval_minutes * 60
+        votes = torch.stack([loss_sum / sched.accum_steps,
+                             (~torch.isfinite(loss_sum)).float(),
+                             torch.tensor(float(flag.raised), device=env.device),
+                             torch.tensor(float(save_due), device=env.device)])
+        dist.all_reduce(votes)
+        if votes[1] > 0:
+            raise NonFiniteLossError(
+                f"loss is not finite at step {step + 1}; stopped before the update, the last checkpoint "
+                f"is intact. Lower optim.blr or use precision=fp32, then resume")
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        dt = time.perf_counter() - t0
+        if step % cfg.log_interval == 0 or step == sched.total_steps:
+            record = {"loss": votes[0].item() / env.world_size, "lr": lr, "grad_norm": grad_norm.item(),
+                      "img_s": cfg.optim.global_batch / dt, "epoch": step / max(1, sched.steps_per_epoch),
+                      **source.metrics()}
+            metrics.log(step, record)
+            if env.is_main:
+                log.info("step %d/%d loss %.4f lr %.3g %.1f img/s", step, sched.total_steps,
+                         record["loss"], lr, record["img_s"])
+
+        preempted = votes[2] > 0
+        stop = cfg.stop_after_step is not None and step >= cfg.stop_after_step
+        epoch_end = sched.steps_per_epoch and step % sched.steps_per_epoch == 0
+        permanent = bool(epoch_end and cfg.checkpoint.keep_every_epochs
+                         and (step // sched.steps_per_epoch) % cfg.checkpoint.keep_every_epochs == 0)
+        interval = cfg.checkpoint.interval_steps
+        if (preempted or stop or permanent or votes[3] > 0 or step == sched.total_steps
+                or (interval and step % interval == 0)):
+            save(step, permanent)
+            last_save = time.monotonic()
+        if preempted:
+            status = "preempted"
+            if env.is_main:
+                log.info("preempted (signal %s): checkpoint at step %d saved", flag.signum, step)
+            break
+        if stop and step < sched.total_steps:
+            status = "stopped"
+            break
+    ckpt.wait()
+    metrics.close()
+    return TrainResult(status=status, step=step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if len(args) != 1:
+        print("usage: python -m mae_core.train CONFIG.yaml", file=sys.stderr)
+        return 2
+    try:
+        cfg = TrainConfig.from_yaml(args[0])
+    except ValidationError as e:
+        err = e.errors()[0]
+        print(f"error: {args[0]}: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read config {args[0]}: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg)
+    except (NonFiniteLossError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return PREEMPTED_EXIT_CODE if result.status == "preempted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
