@@ -42,14 +42,6 @@ class OptimConfig(_Section):
     beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
     beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
     global_batch: int = Field(default=64, gt=0, description="images per optimizer step over all devices")
-    per_device_batch: int = Field(default=32, gt=0, description="images per device per micro-step")
-
-    @model_validator(mode="after")
-    def _divides(self) -> OptimConfig:
-        if self.global_batch % self.per_device_batch:
-            raise ValueError(f"optim.global_batch={self.global_batch} is not a multiple of "
-                             f"optim.per_device_batch={self.per_device_batch}; pick sizes that divide")
-        return self
 
     def lr(self) -> float:
         return self.blr * self.global_batch / 256
@@ -63,6 +55,16 @@ class CheckpointConfig(_Section):
     async_save: bool = False
 
 
+class RuntimeConfig(_Section):
+    """How one process computes; none of it changes the numbers except precision."""
+
+    per_device_batch: int = Field(default=32, gt=0, description="images per device per micro-step")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    threads: int | None = Field(default=None, gt=0, description="torch intra-op threads per process")
+
+
 class TrainConfig(_Section):
     output: str = Field(default="runs/default", description="fsspec URL: checkpoints/, metrics.jsonl, tb/")
     seed: int = 0
@@ -70,18 +72,23 @@ class TrainConfig(_Section):
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-    precision: Literal["fp32", "bf16"] = "fp32"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    threads: int | None = Field(default=None, gt=0, description="torch intra-op threads per process")
+    runtime: RuntimeConfig = RuntimeConfig()
     log_interval: int = Field(default=1, gt=0, description="steps between metric records")
     stop_after_step: int | None = Field(
         default=None, gt=0, description="checkpoint and exit at this step; the schedule is unchanged"
     )
 
+    @model_validator(mode="after")
+    def _divides(self) -> TrainConfig:
+        if self.optim.global_batch % self.runtime.per_device_batch:
+            raise ValueError(f"optim.global_batch={self.optim.global_batch} is not a multiple of "
+                             f"runtime.per_device_batch={self.runtime.per_device_batch}; pick sizes that divide")
+        return self
+
     def fingerprint(self) -> str:
         """Hash of what determines the numbers a run produces; a resume must match it."""
-        math_fields = self.model_dump(include={"seed", "model", "data", "optim", "precision"})
+        math_fields = self.model_dump(include={"seed", "model", "data", "optim"})
+        math_fields["precision"] = self.runtime.precision
         return hashlib.sha256(json.dumps(math_fields, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

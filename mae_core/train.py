@@ -37,11 +37,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
-    per_round = cfg.optim.per_device_batch * world_size
+    per_round = cfg.runtime.per_device_batch * world_size
     if cfg.optim.global_batch % per_round:
         raise ValueError(
             f"optim.global_batch={cfg.optim.global_batch} is not divisible by per_device_batch "
-            f"({cfg.optim.per_device_batch}) x world size ({world_size}); change either so it divides")
+            f"({cfg.runtime.per_device_batch}) x world size ({world_size}); change either so it divides")
     return cfg.optim.global_batch // per_round
 
 
@@ -100,14 +100,14 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = make_model(cfg).to(env.device)
-    model.grad_checkpointing = cfg.activation_checkpointing
-    if cfg.compile:
+    model.grad_checkpointing = cfg.runtime.activation_checkpointing
+    if cfg.runtime.compile:
         for block in [*model.blocks, *model.decoder_blocks]:
             block.compile()
     shard_model(model, env)
@@ -115,7 +115,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     seed_everything(cfg.seed + env.rank)
 
     accum = accumulation_steps(cfg, env.world_size)
-    source = build_source(cfg.data, cfg.optim.per_device_batch, env.rank, env.world_size, cfg.seed,
+    source = build_source(cfg.data, cfg.runtime.per_device_batch, env.rank, env.world_size, cfg.seed,
                           batches_multiple=accum)
     sched = Schedule.derive(cfg, accum, source.batches_per_epoch)
     state = TrainState(model, optimizer)
@@ -149,7 +149,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
 
     flag = PreemptionFlag().install()
     batches = iter(source)
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.runtime.precision == "bf16")
     params = [p for p in model.parameters() if p.requires_grad]
     last_save = time.monotonic()
     status: Literal["completed", "stopped", "preempted"] = "completed"

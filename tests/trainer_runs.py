@@ -21,9 +21,9 @@ TINY: dict[str, Any] = {
     "seed": 3,
     "model": {"arch": "mae_vit_micro_patch4"},
     "data": {"num_samples": 256, "input_size": 32},
-    "optim": {"epochs": 1, "global_batch": 32, "per_device_batch": 16, "warmup_epochs": 0.5, "blr": 1e-3},
+    "optim": {"epochs": 1, "global_batch": 32, "warmup_epochs": 0.5, "blr": 1e-3},
     "checkpoint": {"interval_steps": 100},
-    "threads": 1,
+    "runtime": {"per_device_batch": 16, "threads": 1},
 }
 
 

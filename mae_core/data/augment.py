@@ -1,0 +1,83 @@
+"""MAE pre-training augmentation with Pillow alone: RandomResizedCrop(scale 0.2-1, bicubic), flip, normalise.
+
+Randomness comes from a per-sample generator seeded by (seed, epoch, sample id), so a sample is
+augmented the same way whichever rank or worker reads it, and on a resumed run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+SCALE = (0.2, 1.0)
+RATIO = (3 / 4, 4 / 3)
+
+
+def sample_rng(seed: int, epoch: int, sample_id: str) -> random.Random:
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{sample_id}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+def crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, float] = SCALE,
+             ratio: tuple[float, float] = RATIO) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of a random crop covering ``scale`` of the area at an aspect in ``ratio``.
+
+    Ten tries at a random area and log-uniform aspect; if none fits, the centre crop at the
+    nearest allowed aspect (the torchvision definition of RandomResizedCrop).
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def augment(data: bytes, size: int, rng: random.Random, draft: bool = True) -> np.ndarray:
+    """Encoded image -> (size, size, 3) uint8 crop, flipped at random. Raises on undecodable data."""
+    img = Image.open(io.BytesIO(data))
+    full_w, full_h = img.size
+    left, top, w, h = crop_box(full_w, full_h, rng)
+    flip = rng.random() < 0.5
+    if draft:
+        # JPEG DCT scaling decodes at 1/2, 1/4 or 1/8 size for a fraction of the cost; ask only for a
+        # reduction that keeps the crop at least ``size`` pixels wide and high, so bicubic still
+        # downsamples. Other formats ignore the request.
+        img.draft("RGB", (math.ceil(full_w * size / w), math.ceil(full_h * size / h)))
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    sx, sy = img.size[0] / full_w, img.size[1] / full_h
+    out = img.resize((size, size), Image.Resampling.BICUBIC,
+                     box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+    if out.mode != "RGB":
+        out = out.convert("RGB")
+    arr = np.asarray(out)
+    return arr[:, ::-1] if flip else arr
+
+
+def normalise(images: np.ndarray) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 standardised with the ImageNet mean and std."""
+    batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    out = torch.empty(batch.shape, dtype=torch.float32).copy_(batch).div_(255)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return out.sub_(mean).div_(std)

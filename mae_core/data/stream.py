@@ -1,0 +1,240 @@
+"""Streaming one rank's batches from tar shards or an image folder at any fsspec URL.
+
+The order comes from the pure functions of ``order``: the main process plans the segment a run
+resumes in (which may need the history of earlier layouts), and each DataLoader worker derives
+the plans of later epochs itself. In a worker, a background thread streams the wanted samples of
+each unit in storage order while the worker decodes and augments them in shuffle-buffer order.
+Filesystems are created inside the worker that uses them, because s3fs instances do not survive
+a fork.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from PIL import UnidentifiedImageError
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mae_core.data.augment import augment, normalise, sample_rng
+from mae_core.data.config import DataConfig
+from mae_core.data.order import (
+    Layout,
+    Segment,
+    epoch_items,
+    reader_emissions,
+    segment_batches,
+    segment_items,
+    worker_batches,
+)
+from mae_core.data.readers import Sample, Unit, read_unit
+from mae_core.data.sources import resolve
+
+log = logging.getLogger(__name__)
+
+PREFETCH_SAMPLES = 256  # read-ahead per worker: enough to hide an object-store round trip behind decoding
+
+
+@dataclass(frozen=True)
+class _ReaderPlan:
+    arrival: np.ndarray  # global item ids of the reader's range, in storage order
+    needed: np.ndarray  # positions in ``arrival`` still to emit, in emission order
+
+
+def _reader_plan(items: np.ndarray, layout: Layout, seed: int, epoch: int, segment: int, rank: int, worker: int,
+                 consumed: int) -> _ReaderPlan:
+    """A reader's part of a segment of which its rank has already had ``consumed`` batches."""
+    start, emitted = reader_emissions(len(items), layout, seed, epoch, segment, rank, worker)
+    done = worker_batches(consumed, layout.workers, worker) * layout.batch_size
+    return _ReaderPlan(items[start : start + len(emitted)], emitted[done:])
+
+
+class _RankStream(IterableDataset):
+    """One rank's batches from the resumed segment on, through all later epochs, endlessly.
+
+    Workers live for the whole run, so epoch boundaries cost no restart and prefetching carries
+    on across them. The DataLoader takes its g-th batch from worker g mod n, and a segment's t-th
+    batch comes from its reader t mod n; each worker therefore runs, in every segment, the reader
+    that lines these up. Every worker derives later epochs' plans itself: pure functions again.
+    """
+
+    def __init__(self, units: tuple[Unit, ...], layout: Layout, rank: int, seed: int, input_size: int,
+                 retries: int, epoch: int, consumed: int, total: int, plans: list[_ReaderPlan]) -> None:
+        self.units, self.layout, self.rank, self.seed = units, layout, rank, seed
+        self.input_size, self.retries = input_size, retries
+        self.epoch, self.consumed, self.total, self.plans = epoch, consumed, total, plans
+        self.counts = [u.samples for u in units]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], int]]:
+        info = get_worker_info()
+        physical = 0 if info is None else info.id
+        workers = self.layout.workers
+        first = -self.consumed  # the DataLoader batch index of the resumed segment's batch 0
+        yield from self._batches(self.plans[(physical - first) % workers], self.epoch)
+        first += self.total
+        per_epoch = segment_batches(sum(self.counts), self.layout)
+        for epoch in itertools.count(self.epoch + 1):
+            items = epoch_items(self.counts, self.seed, epoch)
+            reader = (physical - first) % workers
+            yield from self._batches(_reader_plan(items, self.layout, self.seed, epoch, 0, self.rank, reader, 0),
+                                     epoch)
+            first += per_epoch
+
+    def _batches(self, plan: _ReaderPlan, epoch: int) -> Iterator[tuple[torch.Tensor, list[str], int]]:
+        if not len(plan.needed):
+            return
+        unit_of = np.searchsorted(self.offsets, plan.arrival, side="right") - 1
+        ordinal_of = plan.arrival - self.offsets[unit_of]
+        runs = [(int(u), {int(ordinal_of[p]): int(p) for p in positions})
+                for u, positions in itertools.groupby(np.sort(plan.needed), key=lambda p: unit_of[p])]
+        arrived: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_SAMPLES)
+        stop = threading.Event()
+        threading.Thread(target=self._read, args=(runs, arrived, stop), daemon=True).start()
+        pending: dict[int, Sample] = {}
+        try:
+            for start in range(0, len(plan.needed), self.layout.batch_size):
+                images, ids = [], []
+                for pos in plan.needed[start : start + self.layout.batch_size].tolist():
+                    while pos not in pending:
+                        item = arrived.get()
+                        if isinstance(item, Exception):
+                            raise item
+                        pending[item[0]] = item[1]
+                    sample = pending.pop(pos)
+                    image = self._decode(sample, self.units[int(unit_of[pos])], epoch)
+                    if image is not None:
+                        images.append(image)
+                        ids.append(sample.id)
+                yield self._collate(images), ids, self.layout.batch_size - len(images)
+        finally:
+            stop.set()
+
+    def _read(self, runs: list[tuple[int, dict[int, int]]], arrived: queue.Queue[Any],
+              stop: threading.Event) -> None:
+        try:
+            for unit_index, positions in runs:
+                unit = self.units[unit_index]
+                fs = fsspec.core.url_to_fs(unit.url)[0]
+                for sample in read_unit(unit, fs, set(positions), self.retries):
+                    if not _put(arrived, (positions[sample.ordinal], sample), stop):
+                        return
+            _put(arrived, RuntimeError("data: a reader ended before delivering its plan"), stop)
+        except Exception as e:  # handed over so the worker re-raises it instead of waiting forever
+            _put(arrived, e, stop)
+
+    def _decode(self, sample: Sample, unit: Unit, epoch: int) -> np.ndarray | None:
+        if sample.data is None:
+            log.warning("data: skipped %s in %s: %s", sample.id, unit.url, sample.error)
+            return None
+        try:
+            return augment(sample.data, self.input_size, sample_rng(self.seed, epoch, sample.id))
+        except UnidentifiedImageError:  # its message holds only a buffer's address
+            log.warning("data: skipped %s in %s: not an image Pillow can read", sample.id, unit.url)
+        except Exception as e:  # one undecodable sample must not end the run, whatever the decoder raises
+            log.warning("data: skipped %s in %s: %s: %s", sample.id, unit.url, type(e).__name__, e)
+        return None
+
+    def _collate(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Skipped slots repeat the batch's good samples, so every batch keeps its shape and every
+        rank its batch count; a batch with none left is all zeros (the mean image)."""
+        if not images:
+            return torch.zeros(self.layout.batch_size, 3, self.input_size, self.input_size)
+        filled = [images[i % len(images)] for i in range(self.layout.batch_size)]
+        return normalise(np.stack(filled))
+
+
+def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+    """Blocking put that gives up once the consumer has gone."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+class StreamingSource:
+    """The BatchSource of a rank over tar shards or an image folder; see ``order`` for the plan."""
+
+    def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
+                 batches_multiple: int = 1) -> None:
+        if cfg.url is None:
+            raise ValueError("data.url is None; StreamingSource needs a URL (build_source serves synthetic data)")
+        self.cfg, self.rank, self.seed = cfg, rank, seed
+        self.dataset = resolve(cfg.url, cfg.files_per_read)
+        self.layout = Layout(world_size, max(1, cfg.num_workers), batch_size, batches_multiple, cfg.shuffle_buffer)
+        samples = self.dataset.samples
+        self.batches_per_epoch = segment_batches(samples, self.layout)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"data.url {self.dataset.description} holds {samples} samples, fewer than one "
+                             f"global batch ({self.layout.global_batch * batches_multiple}); add data or "
+                             "lower the batch")
+        log.info("data: %d samples in %d units from %s, %d batches per epoch per rank", samples,
+                 len(self.dataset.units), self.dataset.description, self.batches_per_epoch)
+        self.finished: list[Segment] = []  # earlier segments of this epoch, read under other layouts
+        self.epoch, self.batches, self.skipped = 0, 0, 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for images, _ in self.iter_with_ids():
+            yield images
+
+    def iter_with_ids(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """Batches with the ids of the samples in them (skipped ones left out), for checks and tools."""
+        layout = self.layout
+        items = segment_items(self.dataset.counts, self.seed, self.epoch, self.finished)
+        total = segment_batches(len(items), layout)
+        plans = [_reader_plan(items, layout, self.seed, self.epoch, len(self.finished), self.rank, worker,
+                              self.batches) for worker in range(layout.workers)]
+        stream = _RankStream(self.dataset.units, layout, self.rank, self.seed, self.cfg.input_size,
+                             self.cfg.io_retries, self.epoch, self.batches, total, plans)
+        left = total - self.batches
+        for images, ids, skipped in DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers):
+            if left == 0:  # this batch opens the next epoch, read as one segment under this layout
+                self.epoch, self.finished, self.batches, left = self.epoch + 1, [], 0, self.batches_per_epoch
+            self.batches += 1
+            self.skipped += skipped
+            left -= 1
+            yield images, ids
+
+    def state_dict(self) -> dict[str, Any]:
+        segments = [*self.finished, Segment(self.layout, self.batches)]
+        return {
+            "epoch": self.epoch,
+            "consumed": sum(s.batches * s.layout.global_batch for s in segments),
+            "segments": [asdict(s.layout) | {"batches": s.batches} for s in segments],
+            "seed": self.seed,
+            "samples": self.dataset.samples,
+            "units": len(self.dataset.units),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        have = (self.dataset.samples, len(self.dataset.units))
+        saved = (int(state["samples"]), int(state["units"]))
+        if saved != have:
+            raise ValueError(f"data state was saved for {saved[0]} samples in {saved[1]} units but data.url "
+                             f"{self.dataset.description} has {have[0]} in {have[1]}; resume with the same "
+                             "data.url and data.files_per_read, or start a new run")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"data state was saved with seed {state['seed']} but this run has seed {self.seed}; "
+                             "resume with the same seed, or start a new run")
+        names = [f.name for f in fields(Layout)]
+        segments = [Segment(Layout(*(int(s[n]) for n in names)), int(s["batches"])) for s in state["segments"]]
+        segments = [s for s in segments if s.batches]
+        self.epoch = int(state["epoch"])
+        if segments and segments[-1].layout == self.layout:
+            self.finished, self.batches = segments[:-1], segments[-1].batches
+        else:  # another layout reads the rest of the epoch as a new segment
+            self.finished, self.batches = segments, 0
+
+    def metrics(self) -> dict[str, float]:
+        return {"data/skipped": float(self.skipped)}
