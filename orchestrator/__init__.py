@@ -1,0 +1,1 @@
+"""maestro's orchestrator: spec, sweeps, run registry, backends and the `maestro` CLI."""

@@ -1,0 +1,119 @@
+"""Local backend: each run is a detached process tree on this machine that outlives the CLI.
+
+A run's supervisor (this module's ``__main__``) waits for one of ``max_concurrent_runs`` slots,
+a file lock that the OS releases if the process dies, then runs one attempt through the runner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import IO
+
+from mae_core import storage
+from orchestrator.profiles import LocalProfile
+from orchestrator.registry import ACTIVE, Registry, RunState
+from orchestrator.runner import run_attempt
+
+STATE_DIR_ENV = "MAESTRO_STATE_DIR"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV, Path.home() / ".cache" / "maestro"))
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, profile: LocalProfile) -> None:
+        self.profile = profile
+
+    def submit(self, registry: Registry, runs: list[RunState]) -> list[str]:
+        ids = []
+        for state in runs:
+            nproc = registry.spec(state.experiment, state.run_id).resources.world_size
+            job_id = f"local-{uuid.uuid4().hex[:8]}"
+            # Written before the supervisor starts: from then on it is the only writer of the state.
+            state = registry.update(state.experiment, state.run_id, status="queued", backend=self.name,
+                                    job_ids=[*state.job_ids, job_id], pid=None, host=os.uname().nodename)
+            registry.event(state, "submitted", backend=self.name, job_id=job_id)
+            subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.backends.local", registry.root, state.experiment, state.run_id,
+                 str(nproc), str(self.profile.max_concurrent_runs)],
+                start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+            ids.append(job_id)
+        return ids
+
+    def status(self, registry: Registry, state: RunState) -> RunState:
+        if state.status in ACTIVE and state.pid and state.host in (None, os.uname().nodename) \
+                and not _alive(state.pid) and time.time() - state.updated > 5:
+            state = registry.update(state.experiment, state.run_id, status="failed", ended=time.time(),
+                                    message="the run's process died without recording an end; "
+                                            "`maestro resume` continues from the last checkpoint")
+        return state
+
+    def cancel(self, registry: Registry, state: RunState) -> None:
+        # The runner polls for the request, checkpoints and marks the run cancelled.
+        registry.request_cancel(state)
+        if state.status in ("pending", "preempted"):
+            registry.update(state.experiment, state.run_id, status="cancelled", ended=time.time())
+
+    def logs(self, registry: Registry, state: RunState, attempt: int | None = None) -> str:
+        url = registry.log_url(state, attempt or max(1, state.attempts))
+        return storage.read_bytes(url).decode(errors="replace") if storage.exists(url) else ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def acquire_slot(slots: int, registry: Registry, state: RunState) -> IO[str] | None:
+    """Block until one of ``slots`` machine-wide slots is free; None if cancelled while waiting."""
+    directory = state_dir() / "slots"
+    directory.mkdir(parents=True, exist_ok=True)
+    while True:
+        for i in range(slots):
+            handle = (directory / f"slot-{i}.lock").open("w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return handle
+            except BlockingIOError:
+                handle.close()
+        if registry.cancel_requested(state):
+            return None
+        time.sleep(1.0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="supervise one local run (started by `maestro submit`)")
+    parser.add_argument("root")
+    parser.add_argument("experiment")
+    parser.add_argument("run_id")
+    parser.add_argument("nproc", type=int)
+    parser.add_argument("slots", type=int)
+    args = parser.parse_args()
+    registry = Registry(args.root)
+    state = registry.update(args.experiment, args.run_id, pid=os.getpid())
+    slot = acquire_slot(args.slots, registry, state)
+    if slot is None:
+        registry.update(args.experiment, args.run_id, status="cancelled", ended=time.time(), pid=None)
+        return 0
+    with slot:
+        return run_attempt(args.root, args.experiment, args.run_id, args.nproc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

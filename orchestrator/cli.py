@@ -1,0 +1,241 @@
+"""The `maestro` command: plan, submit, list, watch, cancel and resume runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from orchestrator.backends import Backend, get_backend
+from orchestrator.errors import UserError
+from orchestrator.profiles import load_profile
+from orchestrator.registry import ACTIVE, FINISHED, Registry, RunState, default_root
+from orchestrator.spec import Derived, ExperimentSpec, load_spec, schema
+from orchestrator.sweep import expand
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+# Tables are wide; off a terminal (pipes, CI logs) do not squeeze them into 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+RootOpt = Annotated[str | None, typer.Option("--root", help="registry URL; default $MAESTRO_ROOT or ./runs")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a spec field: a.b=value")]
+ClusterOpt = Annotated[str | None, typer.Option("--cluster", help="cluster profile YAML (overrides the spec's)")]
+_debug = {"on": False}
+
+
+def registry_for(root: str | None, spec: ExperimentSpec | None = None) -> Registry:
+    if root:
+        return Registry(root)
+    if spec is not None and spec.storage.root != "runs":
+        return Registry(spec.storage.root)
+    return Registry(default_root())
+
+
+def _spec(path: str, overrides: list[str] | None, cluster: str | None) -> ExperimentSpec:
+    spec = load_spec(path, (overrides or []) + ([f"cluster={cluster}"] if cluster else []))
+    load_profile(spec.cluster)  # fail before anything is created
+    return spec
+
+
+def backend_of(registry: Registry, state: RunState) -> Backend:
+    return get_backend(registry.profile(state.experiment, state.run_id))
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _elapsed(s: RunState) -> str:
+    if not s.started:
+        return "-"
+    secs = int((s.ended or time.time()) - s.started)
+    return f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+
+
+@app.command()
+def plan(spec_path: Annotated[str, typer.Argument(metavar="SPEC")], set_: SetOpt = None,
+         cluster: ClusterOpt = None) -> None:
+    """Dry run: the expanded runs and their derived values. Nothing is submitted."""
+    spec = _spec(spec_path, set_, cluster)
+    runs = expand(spec)
+    profile = load_profile(spec.cluster)
+    table = Table(title=f"{spec.name}: {len(runs)} run(s) on {profile.backend}")
+    for col in ("run", "devices", "per-device", "accum", "lr", "steps/epoch", "warmup", "total steps", "GPU-h"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for run in runs:
+        d = Derived.of(run.spec)
+        r = run.spec.resources
+        table.add_row(run.run_id, f"{r.nodes}x{r.gpus_per_node}", str(r.per_device_batch), str(d.accum_steps),
+                      f"{d.lr:.3g}", str(d.steps_per_epoch), str(d.warmup_steps), str(d.total_steps),
+                      _fmt(d.gpu_hours, ".0f"))
+    console.print(table)
+
+
+@app.command()
+def submit(spec_path: Annotated[str, typer.Argument(metavar="SPEC")], set_: SetOpt = None,
+           cluster: ClusterOpt = None, root: RootOpt = None) -> None:
+    """Create the spec's runs in the registry and start them; existing runs are not duplicated."""
+    spec = _spec(spec_path, set_, cluster)
+    registry = registry_for(root, spec)
+    profile = load_profile(spec.cluster)
+    backend = get_backend(profile)
+    new: list[RunState] = []
+    for run in expand(spec):
+        if registry.create(run, profile, Derived.of(run.spec).total_steps):
+            new.append(registry.state(run.experiment, run.run_id))
+        else:
+            console.print(f"[dim]{run.experiment}/{run.run_id} already exists; `maestro resume` continues it[/]")
+    if new:
+        backend.submit(registry, new)
+    console.print(f"submitted {len(new)} run(s) of {spec.name} to {backend.name}; registry {registry.root}")
+
+
+def _table(states: list[RunState]) -> Table:
+    table = Table()
+    for col in ("run", "backend", "status", "step/total", "loss", "img/s", "attempts", "last ckpt", "elapsed"):
+        table.add_column(col)
+    colours = {"completed": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}
+    for s in states:
+        job = f" ({s.job_ids[-1]})" if s.job_ids else ""
+        table.add_row(s.key, f"{s.backend}{job}", f"[{colours.get(s.status, 'white')}]{s.status}[/]",
+                      f"{s.step}/{s.total_steps}", _fmt(s.loss), _fmt(s.img_s, ".1f"), str(s.attempts),
+                      "-" if s.last_checkpoint_step is None else str(s.last_checkpoint_step), _elapsed(s))
+    return table
+
+
+@app.command("ls")
+def list_runs(experiment: Annotated[str | None, typer.Argument()] = None, root: RootOpt = None) -> None:
+    """All runs (or one experiment's) with status and progress."""
+    console.print(_table(registry_for(root).list(experiment)))
+
+
+@app.command()
+def status(run: Annotated[str, typer.Argument(metavar="RUN")], root: RootOpt = None) -> None:
+    """One run: its state and its recent events."""
+    registry = registry_for(root)
+    for state in registry.resolve(run):
+        state = backend_of(registry, state).status(registry, state)
+        console.print(_table([state]))
+        if state.message:
+            console.print(f"message: {state.message}")
+        for event in registry.events(state.experiment, state.run_id)[-10:]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.pop("time")))
+            console.print(f"  {when} {event.pop('event')} {json.dumps(event)}")
+
+
+@app.command()
+def logs(run: Annotated[str, typer.Argument(metavar="RUN")], follow: Annotated[bool, typer.Option("-f")] = False,
+         attempt: Annotated[int | None, typer.Option(help="attempt number; default the latest")] = None,
+         root: RootOpt = None) -> None:
+    """A run's trainer log (-f follows it until the run ends)."""
+    registry = registry_for(root)
+    [state] = registry.resolve(run)[:1]
+    backend = backend_of(registry, state)
+    shown = 0
+    while True:
+        text = backend.logs(registry, state, attempt)
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
+        state = registry.state(state.experiment, state.run_id)
+        if not follow or state.status in FINISHED:
+            return
+        time.sleep(2)
+
+
+@app.command()
+def watch(experiment: Annotated[str | None, typer.Argument()] = None, root: RootOpt = None,
+          interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 2.0) -> None:
+    """Live progress bars with ETA until every run has finished."""
+    registry = registry_for(root)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[status]}"), TextColumn("loss {task.fields[loss]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bars:
+        tasks: dict[str, Any] = {}
+        while True:
+            states = registry.list(experiment)
+            for s in states:
+                if s.key not in tasks:
+                    tasks[s.key] = bars.add_task(s.key, total=s.total_steps or 1, status=s.status, loss="-")
+                bars.update(tasks[s.key], completed=s.step, status=s.status, loss=_fmt(s.loss))
+            if states and all(s.status not in ACTIVE for s in states):
+                break
+            time.sleep(interval)
+    failed = [s for s in states if s.status == "failed"]
+    for s in failed:
+        console.print(f"[red]{s.key} failed[/]: {s.message}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def cancel(target: Annotated[str, typer.Argument(metavar="RUN|EXPERIMENT")], root: RootOpt = None) -> None:
+    """Stop runs; running ones checkpoint first, so `resume` loses nothing."""
+    registry = registry_for(root)
+    for state in registry.resolve(target):
+        if state.status in FINISHED:
+            console.print(f"{state.key} is already {state.status}")
+            continue
+        backend_of(registry, state).cancel(registry, state)
+        console.print(f"cancelling {state.key}")
+
+
+@app.command()
+def resume(target: Annotated[str, typer.Argument(metavar="RUN|EXPERIMENT")], root: RootOpt = None) -> None:
+    """Continue stopped runs from their latest complete checkpoint."""
+    registry = registry_for(root)
+    for state in registry.resolve(target):
+        if state.status == "completed" or state.status in ACTIVE - {"preempted"}:
+            console.print(f"{state.key} is {state.status}; nothing to resume")
+            continue
+        registry.clear_cancel(state)
+        state = registry.update(state.experiment, state.run_id, status="pending", message=None, ended=None)
+        registry.event(state, "resumed", last_checkpoint_step=state.last_checkpoint_step)
+        backend_of(registry, state).submit(registry, [state])
+        console.print(f"resuming {state.key} from step {state.last_checkpoint_step or 0}")
+
+
+@app.command("schema")
+def print_schema() -> None:
+    """The spec's JSON Schema, for editor completion of YAML specs."""
+    sys.stdout.write(json.dumps(schema(), indent=2) + "\n")
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+    _debug["on"] = debug
+
+
+def _error(message: str) -> None:
+    # Text, not markup: messages quote user input, which may contain [brackets].
+    console.print(Text("error: ", style="red") + Text(" ".join(message.split())), soft_wrap=True)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        if _debug["on"]:
+            raise
+        _error(str(e))
+        sys.exit(2)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # the one place that turns unexpected failures into one line
+        if _debug["on"]:
+            raise
+        _error(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
+        sys.exit(1)
+

@@ -1,0 +1,175 @@
+"""The run registry: the source of truth, kept in object storage so any laptop with bucket access
+can read it, and no database or shared filesystem is needed.
+
+    <root>/<experiment>/<run_id>/
+        spec.yaml        the fully resolved spec of this run
+        cluster.yaml     the cluster profile it was submitted with
+        state.json       status, attempts, job ids, progress, timestamps
+        events.jsonl     what happened, in order
+        cancel           present once a cancel was requested
+        metrics.jsonl    tb/    checkpoints/    logs/     (written by the trainer and the runner)
+
+Every object is replaced whole by one atomic write (``mae_core.storage``), so a reader polling
+while a run writes sees the previous version or the next, never a torn one. After a run starts,
+its runner is the only writer of ``state.json``; the CLI asks for a cancel through ``cancel``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+
+from mae_core import storage
+from orchestrator.errors import UserError
+from orchestrator.profiles import Profile, parse_profile
+from orchestrator.spec import ExperimentSpec
+from orchestrator.sweep import PlannedRun
+
+Status = Literal["pending", "queued", "running", "preempted", "requeued", "completed", "failed", "cancelled"]
+ACTIVE: frozenset[str] = frozenset({"pending", "queued", "running", "preempted", "requeued"})
+FINISHED: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+ROOT_ENV = "MAESTRO_ROOT"
+
+
+class RunState(BaseModel):
+    experiment: str
+    run_id: str
+    status: Status = "pending"
+    backend: str = "local"
+    attempts: int = 0
+    job_ids: list[str] = Field(default_factory=list)
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    img_s: float | None = None
+    last_checkpoint_step: int | None = None
+    preemptions: int = 0
+    timeouts: int = 0
+    failures: int = 0
+    message: str | None = None
+    created: float = Field(default_factory=time.time)
+    started: float | None = None
+    updated: float = Field(default_factory=time.time)
+    ended: float | None = None
+    host: str | None = None
+    pid: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.experiment}/{self.run_id}"
+
+
+def default_root() -> str:
+    return os.environ.get(ROOT_ENV, "runs")
+
+
+class Registry:
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+
+    def run_url(self, experiment: str, run_id: str) -> str:
+        return storage.join(self.root, experiment, run_id)
+
+    def _url(self, experiment: str, run_id: str, name: str) -> str:
+        return storage.join(self.run_url(experiment, run_id), name)
+
+    # Creating and reading ----------------------------------------------------------------------
+    def create(self, run: PlannedRun, profile: Profile, total_steps: int) -> bool:
+        """Record a planned run; False when it already exists (re-submitting never duplicates)."""
+        if storage.exists(self._url(run.experiment, run.run_id, "state.json")):
+            return False
+        for name, model in (("spec.yaml", run.spec), ("cluster.yaml", profile)):
+            text = yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+            storage.write_bytes(self._url(run.experiment, run.run_id, name), text.encode())
+        state = RunState(experiment=run.experiment, run_id=run.run_id, backend=profile.backend,
+                         total_steps=total_steps)
+        self.write_state(state)
+        self.event(state, "created", swept=run.swept)
+        return True
+
+    def spec(self, experiment: str, run_id: str) -> ExperimentSpec:
+        raw = yaml.safe_load(storage.read_bytes(self._url(experiment, run_id, "spec.yaml")))
+        return ExperimentSpec.model_validate(raw)
+
+    def profile(self, experiment: str, run_id: str) -> Profile:
+        return parse_profile(yaml.safe_load(storage.read_bytes(self._url(experiment, run_id, "cluster.yaml"))),
+                             f"{experiment}/{run_id}/cluster.yaml")
+
+    def state(self, experiment: str, run_id: str) -> RunState:
+        try:
+            return RunState.model_validate_json(storage.read_bytes(self._url(experiment, run_id, "state.json")))
+        except FileNotFoundError:
+            raise UserError(f"run {experiment}/{run_id} is not in the registry at {self.root}; "
+                            "check `maestro ls` or --root") from None
+
+    def write_state(self, state: RunState) -> None:
+        state.updated = time.time()
+        storage.write_bytes(self._url(state.experiment, state.run_id, "state.json"),
+                            state.model_dump_json().encode())
+
+    def update(self, experiment: str, run_id: str, **changes: Any) -> RunState:
+        state = self.state(experiment, run_id).model_copy(update=changes)
+        self.write_state(state)
+        return state
+
+    def experiments(self) -> list[str]:
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in storage.listdir(self.root)
+                      if e["type"] == "directory")
+
+    def list(self, experiment: str | None = None) -> list[RunState]:
+        """Every run's state, read with one batched request per experiment on object stores."""
+        fs, root_path = storage.filesystem(self.root)
+        paths: list[str] = []
+        for exp in [experiment] if experiment else self.experiments():
+            for entry in storage.listdir(storage.join(self.root, exp)):
+                if entry["type"] == "directory":
+                    paths.append(f"{entry['name'].rstrip('/')}/state.json")
+        if not paths:
+            return []
+        blobs = fs.cat(paths, on_error="omit")
+        states = [RunState.model_validate_json(blob) for blob in blobs.values()]
+        return sorted(states, key=lambda s: (s.experiment, s.created, s.run_id))
+
+    def resolve(self, target: str) -> list[RunState]:
+        """``EXPERIMENT``, ``EXPERIMENT/RUN_ID`` or a bare ``RUN_ID`` (unique across experiments)."""
+        if "/" in target:
+            experiment, run_id = target.split("/", 1)
+            return [self.state(experiment, run_id)]
+        if target in self.experiments():
+            return self.list(target)
+        matches = [s for s in self.list() if s.run_id == target or s.run_id.startswith(target)]
+        if len(matches) == 1:
+            return matches
+        if not matches:
+            raise UserError(f"no experiment or run named {target!r} under {self.root}; see `maestro ls`")
+        raise UserError(f"{target!r} matches {len(matches)} runs; use EXPERIMENT/RUN_ID")
+
+    # Events and cancel requests ------------------------------------------------------------------
+    def event(self, state: RunState, kind: str, **data: Any) -> None:
+        url = self._url(state.experiment, state.run_id, "events.jsonl")
+        old = storage.read_bytes(url) if storage.exists(url) else b""
+        line = json.dumps({"time": time.time(), "event": kind, "attempt": state.attempts, **data}, default=str)
+        storage.write_bytes(url, old + line.encode() + b"\n")
+
+    def events(self, experiment: str, run_id: str) -> list[dict[str, Any]]:
+        url = self._url(experiment, run_id, "events.jsonl")
+        if not storage.exists(url):
+            return []
+        return [json.loads(line) for line in storage.read_bytes(url).decode().splitlines()]
+
+    def request_cancel(self, state: RunState) -> None:
+        storage.write_bytes(self._url(state.experiment, state.run_id, "cancel"), b"")
+
+    def cancel_requested(self, state: RunState) -> bool:
+        return storage.exists(self._url(state.experiment, state.run_id, "cancel"))
+
+    def clear_cancel(self, state: RunState) -> None:
+        storage.remove(self._url(state.experiment, state.run_id, "cancel"))
+
+    def log_url(self, state: RunState, attempt: int) -> str:
+        return self._url(state.experiment, state.run_id, f"logs/attempt-{attempt}.log")

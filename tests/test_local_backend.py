@@ -1,0 +1,144 @@
+"""The product end to end on one machine: submit, watch, cancel, resume, with real processes."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from maestro_cli import maestro, wait_for
+from trainer_runs import losses
+
+from mae_core import storage
+from mae_core.checkpoint import Checkpointer, load_weights
+from mae_core.train import make_model
+from orchestrator.registry import Registry, RunState
+from orchestrator.spec import ExperimentSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def private_slots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAESTRO_STATE_DIR", str(tmp_path / "state"))
+
+
+def write_spec(tmp_path: Path, name: str, **over: Any) -> Path:
+    raw: dict[str, Any] = {
+        "name": name, "seed": 1, "model": {"arch": "mae_vit_micro_patch4"},
+        "data": {"num_samples": 256, "input_size": 32},
+        "optim": {"epochs": 3, "global_batch": 32, "warmup_epochs": 1, "blr": 1e-3},
+        "resources": {"gpus_per_node": 2, "per_device_batch": 16, "threads": 1},
+        "checkpoint": {"interval_steps": 4},
+        "cluster": str(REPO / "cluster_configs/local.yaml"), **over}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def only_run(registry: Registry, experiment: str) -> RunState:
+    [state] = registry.list(experiment)
+    return state
+
+
+def weights(registry: Registry, state: RunState) -> dict[str, torch.Tensor]:
+    spec: ExperimentSpec = registry.spec(state.experiment, state.run_id)
+    run_url = registry.run_url(state.experiment, state.run_id)
+    info = Checkpointer(storage.join(run_url, "checkpoints"), rank=0, world_size=1).latest()
+    assert info is not None
+    return load_weights(info, make_model(spec.train_config(output=run_url))).state_dict()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_submitted_run_completes_with_metrics_and_checkpoint(tmp_path: Path, request: pytest.FixtureRequest,
+                                                             where: str) -> None:
+    root = str(tmp_path / "registry") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/registry"
+    spec = write_spec(tmp_path, "e2e")
+    proc = maestro("submit", str(spec), "--root", root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    registry = Registry(root)
+    watch = maestro("watch", "e2e", "--root", root, "--interval", "0.5", timeout=240)
+    assert watch.returncode == 0, watch.stdout + watch.stderr
+    state = only_run(registry, "e2e")
+    assert state.status == "completed" and state.step == state.total_steps == 24
+    assert state.last_checkpoint_step == 24 and state.attempts == 1
+    run_url = registry.run_url("e2e", state.run_id)
+    assert len(losses(run_url)) == 24
+    assert storage.exists(storage.join(run_url, "checkpoints/step-000000024/COMMITTED"))
+    assert "step 24/24" in maestro("logs", state.run_id, "--root", root).stdout
+    listing = maestro("ls", "--root", root).stdout
+    assert state.run_id in listing and "completed" in listing and "24/24" in listing
+
+
+def test_cancel_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    root = str(tmp_path / "registry")
+    registry = Registry(root)
+    assert maestro("submit", str(write_spec(tmp_path, "straight", optim={"epochs": 30, "global_batch": 32})),
+                   "--root", root).returncode == 0
+    wait_for(lambda: only_run(registry, "straight").status == "completed", what="straight run")
+
+    assert maestro("submit", str(write_spec(tmp_path, "stopped", optim={"epochs": 30, "global_batch": 32})),
+                   "--root", root).returncode == 0
+    wait_for(lambda: only_run(registry, "stopped").status == "running", what="run to start")
+    time.sleep(4)  # into training: past start-up, well before the end
+    assert maestro("cancel", "stopped", "--root", root).returncode == 0
+    wait_for(lambda: only_run(registry, "stopped").status == "cancelled", what="cancel")
+    stopped = only_run(registry, "stopped")
+    assert stopped.last_checkpoint_step is not None and 0 < stopped.last_checkpoint_step < 240
+
+    assert maestro("resume", "stopped", "--root", root).returncode == 0
+    wait_for(lambda: only_run(registry, "stopped").status == "completed", what="resumed run")
+    resumed, straight = only_run(registry, "stopped"), only_run(registry, "straight")
+    assert resumed.attempts == 2 and resumed.run_id == straight.run_id
+    assert losses(registry.run_url("stopped", resumed.run_id)) == losses(registry.run_url("straight", straight.run_id))
+    a, b = weights(registry, resumed), weights(registry, straight)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    events = [e["event"] for e in registry.events("stopped", resumed.run_id)]
+    assert events.count("started") == 2 and "cancelled" in events and "resumed" in events
+
+
+def test_submitting_twice_does_not_duplicate(tmp_path: Path) -> None:
+    root = str(tmp_path / "registry")
+    spec = write_spec(tmp_path, "grid", sweep={"grid": {"model.mask_ratio": [0.5, 0.75, 0.9],
+                                                         "model.decoder_depth": [1, 2]}},
+                      optim={"epochs": 1, "global_batch": 32})
+    for _ in range(2):
+        assert maestro("submit", str(spec), "--root", root).returncode == 0
+    registry = Registry(root)
+    assert len(registry.list("grid")) == 6
+    assert maestro("cancel", "grid", "--root", root).returncode == 0
+    wait_for(lambda: all(s.status in ("cancelled", "completed") for s in registry.list("grid")), what="cancel all")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_readers_never_see_a_torn_state_file(tmp_path: Path, request: pytest.FixtureRequest, where: str) -> None:
+    root = str(tmp_path / "registry") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/registry"
+    registry = Registry(root)
+    state = RunState(experiment="load", run_id="r1", message="x" * 20_000)
+    registry.write_state(state)
+    url = storage.join(registry.run_url("load", "r1"), "state.json")
+    stop = threading.Event()
+    bad: list[str] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                json.loads(storage.read_bytes(url))
+            except ValueError as e:
+                bad.append(str(e))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for step in range(150):
+        state.step = step
+        state.message = str(step) * (1 + step * 50)
+        registry.write_state(state)
+    stop.set()
+    reader.join()
+    assert not bad
+    assert registry.state("load", "r1").step == 149

@@ -1,0 +1,34 @@
+"""Sweeps expand into runs with stable, distinct ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from maestro_cli import run_in_process
+
+from orchestrator.spec import load_spec
+from orchestrator.sweep import expand
+
+REPO = Path(__file__).resolve().parents[1]
+ABLATION = str(REPO / "jobs/ablation_mask_ratio.yaml")
+
+
+def test_ablation_plan_lists_six_stable_distinct_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_in_process(capsys, "plan", ABLATION, "--set", "data.num_samples=2048")
+    assert code == 0, out
+    ids = [r.run_id for r in expand(load_spec(ABLATION, ["data.num_samples=2048"]))]
+    assert len(ids) == len(set(ids)) == 6
+    assert all(i in out for i in ids)
+    assert ids == [r.run_id for r in expand(load_spec(ABLATION, ["data.num_samples=2048"]))]
+    assert ids[0].startswith("mask_ratio-0.5_decoder_depth-1-")
+
+
+def test_zip_pairs_values_and_grid_multiplies() -> None:
+    spec = load_spec(ABLATION, ["data.num_samples=2048", "sweep.grid={}",
+                                "sweep.zip={model.mask_ratio: [0.5, 0.9], optim.blr: [0.001, 0.002]}"])
+    runs = expand(spec)
+    assert [(r.spec.model.mask_ratio, r.spec.optim.blr) for r in runs] == [(0.5, 0.001), (0.9, 0.002)]
+    both = load_spec(ABLATION, ["data.num_samples=2048", "sweep.grid={seed: [1, 2, 3]}",
+                                "sweep.zip={model.mask_ratio: [0.5, 0.9]}"])
+    assert len(expand(both)) == 6
