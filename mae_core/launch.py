@@ -6,8 +6,8 @@
 
     python -m mae_core.launch --nproc 2 CONFIG.yaml
 
-Exit status: 0 when every rank succeeded, the preempted status when ranks stopped on a signal,
-otherwise the first failing rank's status.
+Exit status: 0 when every rank succeeded, the preempted status when ranks stopped on a
+forwarded signal (including ranks it killed while they were still starting), otherwise the first failing rank's status.
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ def launch(config: str, nproc: int) -> int:
     procs = [subprocess.Popen([sys.executable, "-m", "mae_core.train", config],
                               env=rank_env(r, nproc, init_file)) for r in range(nproc)]
 
+    signalled: list[int] = []
+
     def forward(signum: int, frame: FrameType | None) -> None:
+        signalled.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -63,6 +66,10 @@ def launch(config: str, nproc: int) -> int:
         _terminate(procs)
         shutil.rmtree(rdzv_dir, ignore_errors=True)
     failures = [c for c in codes.values() if c not in (0, PREEMPTED_EXIT_CODE)]
+    # A rank still starting up has no handler yet and dies of the forwarded signal; it had
+    # trained nothing since the last checkpoint, so this is a preemption, not a failure.
+    if signalled and all(c < 0 for c in failures):
+        return PREEMPTED_EXIT_CODE
     if failures:
         return failures[0]
     return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes.values() else 0

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mae_core import storage
 from mae_core.config import CheckpointConfig, ModelConfig, OptimConfig, RuntimeConfig, TrainConfig
 from mae_core.data import DataConfig
+from mae_core.data.config import SYNTHETIC_SAMPLES
 from orchestrator.errors import UserError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -138,8 +139,10 @@ class Derived(BaseModel):
 def dataset_size(data: DataConfig) -> int:
     """Samples per epoch: ``data.num_samples`` when given (or for synthetic data), else the count
     in the dataset's ``manifest.json``."""
-    if data.url is None or "num_samples" in data.model_fields_set:
+    if data.num_samples is not None:
         return data.num_samples
+    if data.url is None:
+        return SYNTHETIC_SAMPLES
     if not isinstance(data.url, str):
         raise UserError("data.num_samples is required when data.url is a list of shards; set it")
     manifest = storage.join(data.url, "manifest.json")

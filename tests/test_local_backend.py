@@ -102,17 +102,22 @@ def test_cancel_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     assert events.count("started") == 2 and "cancelled" in events and "resumed" in events
 
 
-def test_submitting_twice_does_not_duplicate(tmp_path: Path) -> None:
+def test_submitting_twice_does_not_duplicate_and_cancel_stops_every_run(tmp_path: Path) -> None:
     root = str(tmp_path / "registry")
     spec = write_spec(tmp_path, "grid", sweep={"grid": {"model.mask_ratio": [0.5, 0.75, 0.9],
                                                          "model.decoder_depth": [1, 2]}},
                       optim={"epochs": 1, "global_batch": 32})
-    for _ in range(2):
-        assert maestro("submit", str(spec), "--root", root).returncode == 0
+    assert "submitted 6 run(s)" in maestro("submit", str(spec), "--root", root).stdout
+    again = maestro("submit", str(spec), "--root", root)
+    assert again.returncode == 0 and "submitted 0 run(s)" in again.stdout and "already exists" in again.stdout
     registry = Registry(root)
-    assert len(registry.list("grid")) == 6
+    states = registry.list("grid")
+    assert len(states) == 6 and all(len(s.job_ids) == 1 for s in states)
+    # Cancelled at once: the running run is still starting up, the others wait for the slot.
     assert maestro("cancel", "grid", "--root", root).returncode == 0
-    wait_for(lambda: all(s.status in ("cancelled", "completed") for s in registry.list("grid")), what="cancel all")
+    wait_for(lambda: all(s.status in ("cancelled", "completed", "failed") for s in registry.list("grid")),
+             what="cancel all")
+    assert {s.status for s in registry.list("grid")} <= {"cancelled", "completed"}
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from trainer_runs import final_weights, launch, losses, write_config
+
+from mae_core.data.demo import build_demo
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -15,15 +18,16 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[k], b[k]), k
 
 
-def straight_and_resumed(tmp_path: Path, root: str, nproc: int = 1) -> tuple[Path, Path]:
-    straight = write_config(tmp_path, "straight", f"{root}/straight")
-    resumed = write_config(tmp_path, "resumed", f"{root}/resumed", stop_after_step=4)
+def straight_and_resumed(tmp_path: Path, root: str, nproc: int = 1, stop: int = 4,
+                         **over: Any) -> tuple[Path, Path]:
+    straight = write_config(tmp_path, "straight", f"{root}/straight", **over)
+    resumed = write_config(tmp_path, "resumed", f"{root}/resumed", stop_after_step=stop, **over)
     for cfg in (straight, resumed):
         proc = launch(cfg, nproc)
         assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(losses(f"{root}/resumed")) == 4
+    assert len(losses(f"{root}/resumed")) == stop
     # Same spec without the stop: a fresh process picks up the latest checkpoint.
-    resumed_rest = write_config(tmp_path, "resumed", f"{root}/resumed")
+    resumed_rest = write_config(tmp_path, "resumed", f"{root}/resumed", **over)
     proc = launch(resumed_rest, nproc)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stderr
@@ -40,6 +44,19 @@ def test_exact_resume_local(tmp_path: Path) -> None:
 def test_exact_resume_through_s3(tmp_path: Path, s3_bucket: str) -> None:
     straight, resumed = straight_and_resumed(tmp_path, f"{s3_bucket}/runs")
     assert losses(f"{s3_bucket}/runs/straight") == losses(f"{s3_bucket}/runs/resumed")
+    assert_same_weights(final_weights(straight), final_weights(resumed))
+
+
+def test_exact_resume_mid_epoch_streaming_shards_from_s3(tmp_path: Path, s3_bucket: str) -> None:
+    # 2 ranks x 2 loader workers reading real JPEG shards; the stop falls mid-epoch, so the resumed
+    # run must restore the data position (not only the weights) to reproduce the curve.
+    build_demo(f"{s3_bucket}/demo", 320, (40, 40), shard_bytes=40_000)
+    data = {"url": f"{s3_bucket}/demo", "num_samples": None, "input_size": 32, "num_workers": 2, "shuffle_buffer": 64}
+    straight, resumed = straight_and_resumed(tmp_path, f"{s3_bucket}/runs", nproc=2, stop=7, data=data,
+                                             optim={"epochs": 2})
+    curve = losses(f"{s3_bucket}/runs/straight")
+    assert len(curve) == 20  # 320 // 32 = 10 steps per epoch
+    assert losses(f"{s3_bucket}/runs/resumed") == curve
     assert_same_weights(final_weights(straight), final_weights(resumed))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mae_core.data.base import BatchSource
-from mae_core.data.config import DataConfig
+from mae_core.data.config import SYNTHETIC_SAMPLES, DataConfig
 from mae_core.data.synthetic import SyntheticSource
 
 
@@ -11,7 +11,7 @@ def build_source(cfg: DataConfig, batch_size: int, rank: int, world_size: int, s
                  batches_multiple: int = 1) -> BatchSource:
     """The trainer's data for this rank; ``batches_multiple`` is the gradient-accumulation count."""
     if cfg.url is None:
-        return SyntheticSource(cfg.num_samples, cfg.input_size, batch_size, rank, world_size, seed,
+        return SyntheticSource(cfg.num_samples or SYNTHETIC_SAMPLES, cfg.input_size, batch_size, rank, world_size, seed,
                                batches_multiple)
     from mae_core.data.stream import StreamingSource
 

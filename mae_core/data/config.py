@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+SYNTHETIC_SAMPLES = 1024
+
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -14,7 +16,11 @@ class DataConfig(BaseModel):
         "s3://bucket/train-{000000..001023}.tar, a list of URLs, or a folder with a manifest.json) "
         "or an image folder (class sub-folders or flat); None trains on a seeded synthetic in-memory dataset",
     )
-    num_samples: int = Field(default=1024, gt=0, description="size of the synthetic dataset")
+    num_samples: int | None = Field(
+        default=None, gt=0,
+        description=f"samples per epoch; when omitted, the count in the dataset's manifest.json (url data) or "
+        f"{SYNTHETIC_SAMPLES} (synthetic data)",
+    )
     input_size: int = Field(default=32, gt=0, description="side of the square crops fed to the model")
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank")
     shuffle_buffer: int = Field(
