@@ -15,8 +15,9 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.backends import Backend, get_backend
+from orchestrator.backends.slurm import SlurmBackend
 from orchestrator.errors import UserError
-from orchestrator.profiles import load_profile
+from orchestrator.profiles import SlurmProfile, load_profile
 from orchestrator.registry import ACTIVE, FINISHED, Registry, RunState, default_root
 from orchestrator.spec import Derived, ExperimentSpec, load_spec, schema
 from orchestrator.sweep import expand
@@ -29,6 +30,8 @@ RootOpt = Annotated[str | None, typer.Option("--root", help="registry URL; defau
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a spec field: a.b=value")]
 ClusterOpt = Annotated[str | None, typer.Option("--cluster", help="cluster profile YAML (overrides the spec's)")]
 _debug = {"on": False}
+# Runners refresh state.json every 10 s; quieter than this, ask the backend.
+STALE_S = 30.0
 
 
 def registry_for(root: str | None, spec: ExperimentSpec | None = None) -> Registry:
@@ -47,6 +50,13 @@ def _spec(path: str, overrides: list[str] | None, cluster: str | None) -> Experi
 
 def backend_of(registry: Registry, state: RunState) -> Backend:
     return get_backend(registry.profile(state.experiment, state.run_id))
+
+
+def reconcile(registry: Registry, state: RunState) -> RunState:
+    """A run whose heartbeat went quiet, checked with its backend (its process or job may be gone)."""
+    if state.status in ACTIVE and time.time() - state.updated > STALE_S:
+        return backend_of(registry, state).status(registry, state)
+    return state
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -77,6 +87,19 @@ def plan(spec_path: Annotated[str, typer.Argument(metavar="SPEC")], set_: SetOpt
                       f"{d.lr:.3g}", str(d.steps_per_epoch), str(d.warmup_steps), str(d.total_steps),
                       _fmt(d.gpu_hours, ".0f"))
     console.print(table)
+    first = runs[0].spec
+    ckpt = first.checkpoint
+    console.print(f"checkpoint every {ckpt.interval_steps or '-'} steps / {ckpt.interval_minutes or '-'} min, "
+                  f"keeping the last {ckpt.keep_last}")
+    if isinstance(profile, SlurmProfile):
+        budget = first.requeue
+        limit = profile.time_min
+        console.print(f"time limit {limit // 60}:{limit % 60:02d} h per job, USR2 {profile.signal_delay_s} s before; "
+                      f"requeue budget: preemptions {budget.max_preemptions or 'unlimited'}, "
+                      f"timeouts {budget.max_timeouts}, failures {budget.max_failures}")
+        console.print(f"sbatch script ({'one array of ' + str(len(runs)) + ' tasks' if len(runs) > 1 else 'one job'}"
+                      f", shown for {runs[0].run_id}):")
+        console.print(Text(SlurmBackend(profile).sbatch_script(first)), soft_wrap=True)
 
 
 @app.command()
@@ -162,7 +185,7 @@ def watch(experiment: Annotated[str | None, typer.Argument()] = None, root: Root
     with Progress(*columns, console=console) as bars:
         tasks: dict[str, Any] = {}
         while True:
-            states = registry.list(experiment)
+            states = [reconcile(registry, s) for s in registry.list(experiment)]
             for s in states:
                 if s.key not in tasks:
                     tasks[s.key] = bars.add_task(s.key, total=s.total_steps or 1, status=s.status, loss="-")

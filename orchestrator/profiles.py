@@ -35,9 +35,22 @@ class SlurmProfile(_Profile):
     mem: str | None = Field(default=None, description="per node, e.g. 480G")
     time_min: int = Field(default=4320, gt=0, description="job time limit in minutes")
     signal_delay_s: int = Field(default=120, gt=0, description="USR2 this long before the time limit")
-    array_parallelism: int = Field(default=16, gt=0)
-    setup: list[str] = Field(default_factory=list, description="shell lines run before the job")
+    array_parallelism: int = Field(default=16, gt=0, description="array tasks (grid runs) running at once")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before the job, as written")
     extra_sbatch: dict[str, str] = Field(default_factory=dict, description="more #SBATCH options")
+    folder: str = Field(default="~/.cache/maestro/slurm",
+                        description="job scripts, pickles and task logs; must be visible from the compute nodes")
+    rendezvous: Literal["tcp", "file"] = Field(
+        default="tcp", description="tcp: the first node's address and a port derived from the job id; "
+        "file: a file in `folder`, where nodes share it and no port should be opened")
+
+    @field_validator("setup")
+    @classmethod
+    def _lines(cls, v: list[str]) -> list[str]:
+        for line in v:
+            if "\n" in line or "\r" in line or "\0" in line:
+                raise ValueError(f"setup line {line!r} spans several lines; give one command per list item")
+        return v
 
     @field_validator("partition", "account", "qos", "constraint", "mem")
     @classmethod

@@ -1,8 +1,10 @@
 """One attempt of one run, wherever it executes: the bridge between a backend and the trainer.
 
-It marks the run running, writes the trainer's config, runs ``mae_core.launch``, keeps the
+``run_attempt`` (the run's first rank) marks the run running, runs the trainer, keeps the
 registry's progress fresh (step, loss, img/s, log upload), turns a cancel request into a
-checkpoint-and-stop, and records how the attempt ended. Every backend runs runs through it.
+checkpoint-and-stop, and records how the attempt ended, counting it against the spec's requeue
+budgets. ``run_trainer`` is the part every rank does: run the trainer and pass preemption signals
+on. Every backend runs runs through these two.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import IO, Literal
 
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer
@@ -25,6 +29,7 @@ from orchestrator.registry import Registry, RunState
 
 POLL_S = 2.0
 UPLOAD_S = 10.0
+StopReason = Literal["preempted", "timeout"]
 
 
 def latest_checkpoint_step(registry: Registry, state: RunState) -> int | None:
@@ -50,38 +55,72 @@ def error_line(log: Path) -> str:
     return (errors or lines or ["the trainer exited without output"])[-1][:300]
 
 
-def run_attempt(root: str, experiment: str, run_id: str, nproc: int) -> int:
-    """Run the trainer once for this run; returns the trainer's exit status."""
-    registry = Registry(root)
-    state = registry.state(experiment, run_id)
-    if registry.cancel_requested(state):
-        registry.update(experiment, run_id, status="cancelled", ended=time.time(), message="cancelled before start")
-        return 0
-    state = registry.update(experiment, run_id, status="running", attempts=state.attempts + 1,
-                            started=state.started or time.time(), ended=None, message=None,
-                            host=socket.gethostname(), pid=os.getpid())
-    resumed_from = latest_checkpoint_step(registry, state)
-    registry.event(state, "started", host=state.host, resumed_from_step=resumed_from)
-
+def write_train_config(registry: Registry, experiment: str, run_id: str) -> Path:
+    """The trainer's config for this run, in a fresh local temp dir (each rank writes its own)."""
     spec = registry.spec(experiment, run_id)
     work = Path(tempfile.mkdtemp(prefix=f"maestro-{run_id}-"))
     config = work / "train.yaml"
     config.write_text(spec.train_config(output=registry.run_url(experiment, run_id)).to_yaml())
-    log_path = work / "train.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mae_core.launch", "--nproc", str(nproc), str(config)],
-                                stdout=log, stderr=subprocess.STDOUT)
+    return config
+
+
+def run_trainer(argv: list[str], log: IO[bytes] | None = None, env: dict[str, str] | None = None,
+                poll: Callable[[subprocess.Popen[bytes]], None] | None = None) -> int:
+    """Run the trainer, forwarding preemption signals to it; returns its exit status.
+
+    A trainer signalled before it installed its handler dies of the signal. It had trained
+    nothing since its last checkpoint, so that counts as the preempted exit, not a failure.
+    """
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
+    signalled: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
+        signalled.append(signum)
         if proc.poll() is None:
             proc.send_signal(signum)
 
-    for sig in PREEMPT_SIGNALS:
-        signal.signal(sig, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in PREEMPT_SIGNALS}
+    try:
+        while proc.poll() is None:
+            time.sleep(POLL_S if poll else 0.2)
+            if poll:
+                poll(proc)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    code = proc.returncode
+    return PREEMPTED_EXIT_CODE if signalled and code < 0 else code
+
+
+def run_attempt(root: str, experiment: str, run_id: str, command: Callable[[Path], list[str]],
+                env: dict[str, str] | None = None, can_requeue: bool = False,
+                stop_reason: Callable[[], StopReason] = lambda: "preempted") -> RunState:
+    """Run the trainer once for this run and record the outcome.
+
+    ``command`` maps the trainer config to the argv to run. With ``can_requeue`` the backend will
+    start the run again after a preemption, a timeout or a failure within the spec's budgets: the
+    state then ends ``requeued``; past a budget it ends ``failed`` with a message naming it.
+    """
+    registry = Registry(root)
+    state = registry.state(experiment, run_id)
+    if registry.cancel_requested(state):
+        return registry.update(experiment, run_id, status="cancelled", ended=time.time(),
+                               message="cancelled before start")
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    state = registry.update(experiment, run_id, status="running", attempts=state.attempts + 1,
+                            started=state.started or time.time(), ended=None, message=None,
+                            host=socket.gethostname(), pid=os.getpid())
+    resumed_from = latest_checkpoint_step(registry, state)
+    registry.event(state, "started", attempt=state.attempts, host=state.host, resumed_from_step=resumed_from,
+                   job_id=state.job_ids[-1] if state.job_ids else None, restart_count=restart)
+
+    config = write_train_config(registry, experiment, run_id)
+    log_path = config.parent / "train.log"
     cancelling = False
     last_upload = time.monotonic()
-    while proc.poll() is None:
-        time.sleep(POLL_S)
+
+    def poll(proc: subprocess.Popen[bytes]) -> None:
+        nonlocal cancelling, last_upload, state
         if not cancelling and registry.cancel_requested(state):
             cancelling = True
             proc.send_signal(signal.SIGTERM)  # checkpoint at the next step, then exit
@@ -89,21 +128,47 @@ def run_attempt(root: str, experiment: str, run_id: str, nproc: int) -> int:
             state = registry.update(experiment, run_id, **progress(registry, state))
             storage.write_bytes(registry.log_url(state, state.attempts), log_path.read_bytes())
             last_upload = time.monotonic()
-    code = proc.returncode
+
+    with log_path.open("wb") as log:
+        code = run_trainer(command(config), log=log, env=env, poll=poll)
 
     storage.write_bytes(registry.log_url(state, state.attempts), log_path.read_bytes())
+    state = registry.state(experiment, run_id)
     fields = {**progress(registry, state), "last_checkpoint_step": latest_checkpoint_step(registry, state),
               "pid": None}
+    budgets = registry.spec(experiment, run_id).requeue
+    resume_hint = "`maestro resume` continues from the last checkpoint"
     if code == 0:
         state = registry.update(experiment, run_id, status="completed", ended=time.time(), **fields)
-    elif code == PREEMPTED_EXIT_CODE and (cancelling or registry.cancel_requested(state)):
+    elif cancelling or registry.cancel_requested(state):
         state = registry.update(experiment, run_id, status="cancelled", ended=time.time(),
-                                message="cancelled; `maestro resume` continues from the last checkpoint", **fields)
+                                message=f"cancelled; {resume_hint}", **fields)
     elif code == PREEMPTED_EXIT_CODE:
-        state = registry.update(experiment, run_id, status="preempted", preemptions=state.preemptions + 1, **fields)
+        reason = stop_reason()
+        if reason == "timeout":
+            count, budget, budget_name = state.timeouts + 1, budgets.max_timeouts, "max_timeouts"
+            fields["timeouts"] = count
+        else:
+            count, budget, budget_name = state.preemptions + 1, budgets.max_preemptions, "max_preemptions"
+            fields["preemptions"] = count
+        if budget is not None and count > budget:
+            state = registry.update(experiment, run_id, status="failed", ended=time.time(), **fields,
+                                    message=f"{reason} {count} times, over the budget requeue.{budget_name}="
+                                    f"{budget}; {resume_hint}, or raise the budget")
+        else:
+            state = registry.update(experiment, run_id, status="requeued" if can_requeue else "preempted",
+                                    message=reason, **fields)
     else:
-        state = registry.update(experiment, run_id, status="failed", failures=state.failures + 1, ended=time.time(),
+        failures = state.failures + 1
+        requeue = can_requeue and failures <= budgets.max_failures
+        state = registry.update(experiment, run_id, status="requeued" if requeue else "failed",
+                                failures=failures, ended=None if requeue else time.time(),
                                 message=error_line(log_path), **fields)
-    registry.event(state, state.status, exit_code=code, step=state.step,
+    registry.event(state, state.status, exit_code=code, step=state.step, reason=state.message,
                    last_checkpoint_step=state.last_checkpoint_step)
-    return code
+    return state
+
+
+def local_command(nproc: int) -> Callable[[Path], list[str]]:
+    """N trainer processes on this machine through ``mae_core.launch``."""
+    return lambda config: [sys.executable, "-m", "mae_core.launch", "--nproc", str(nproc), str(config)]

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 endpoint (moto server on 127.0.0.1) and the no-skip rule for CI."""
+"""Shared fixtures: a real S3 endpoint (moto server on 127.0.0.1), real local SLURM clusters, and
+the no-skip rule for CI."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from slurm_cluster import SlurmCluster, start_cluster
+from slurm_cluster import available as slurm_available
 
 REQUIRE_ALL = os.environ.get("MAESTRO_REQUIRE_ALL") == "1"
 
@@ -85,3 +88,26 @@ def s3_bucket(s3_endpoint: str) -> Iterator[str]:
     yield f"s3://{name}"
     s3fs.S3FileSystem.clear_instance_cache()
 
+
+
+def _running_cluster(nodes: int) -> Iterator[SlurmCluster]:
+    require("SLURM with slurmdbd and MariaDB (scripts/local_slurm.sh install), as root", slurm_available())
+    cluster = start_cluster(nodes)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in cluster.env.items():
+                mp.setenv(key, value)
+            yield cluster
+    finally:
+        cluster.stop()
+
+
+# One cluster per layout and test class, torn down with it, so two never run side by side.
+@pytest.fixture(scope="class")
+def one_node() -> Iterator[SlurmCluster]:
+    yield from _running_cluster(1)
+
+
+@pytest.fixture(scope="class")
+def two_nodes() -> Iterator[SlurmCluster]:
+    yield from _running_cluster(2)

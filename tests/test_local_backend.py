@@ -11,14 +11,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from maestro_cli import maestro, wait_for
+from maestro_cli import maestro, wait_for, weights
 from trainer_runs import losses
 
 from mae_core import storage
-from mae_core.checkpoint import Checkpointer, load_weights
-from mae_core.train import make_model
 from orchestrator.registry import Registry, RunState
-from orchestrator.spec import ExperimentSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,14 +41,6 @@ def write_spec(tmp_path: Path, name: str, **over: Any) -> Path:
 def only_run(registry: Registry, experiment: str) -> RunState:
     [state] = registry.list(experiment)
     return state
-
-
-def weights(registry: Registry, state: RunState) -> dict[str, torch.Tensor]:
-    spec: ExperimentSpec = registry.spec(state.experiment, state.run_id)
-    run_url = registry.run_url(state.experiment, state.run_id)
-    info = Checkpointer(storage.join(run_url, "checkpoints"), rank=0, world_size=1).latest()
-    assert info is not None
-    return load_weights(info, make_model(spec.train_config(output=run_url))).state_dict()
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from orchestrator.backends.base import Backend
-from orchestrator.profiles import LocalProfile, Profile
+from orchestrator.errors import UserError
+from orchestrator.profiles import LocalProfile, Profile, SlurmProfile
 
 
 def get_backend(profile: Profile) -> Backend:
@@ -11,9 +12,12 @@ def get_backend(profile: Profile) -> Backend:
         from orchestrator.backends.local import LocalBackend
 
         return LocalBackend(profile)
-    from orchestrator.errors import UserError
+    if isinstance(profile, SlurmProfile):
+        from orchestrator.backends.slurm import SlurmBackend
 
-    raise UserError(f"the {profile.backend} backend is not available yet; use cluster_configs/local.yaml")
+        return SlurmBackend(profile)
+
+    raise UserError(f"the {profile.backend} backend is not available yet; use a local or slurm profile")
 
 
 __all__ = ["Backend", "get_backend"]

@@ -19,7 +19,7 @@ from typing import IO
 from mae_core import storage
 from orchestrator.profiles import LocalProfile
 from orchestrator.registry import ACTIVE, Registry, RunState
-from orchestrator.runner import run_attempt
+from orchestrator.runner import local_command, run_attempt
 
 STATE_DIR_ENV = "MAESTRO_STATE_DIR"
 
@@ -112,7 +112,8 @@ def main() -> int:
         registry.update(args.experiment, args.run_id, status="cancelled", ended=time.time(), pid=None)
         return 0
     with slot:
-        return run_attempt(args.root, args.experiment, args.run_id, args.nproc)
+        state = run_attempt(args.root, args.experiment, args.run_id, local_command(args.nproc))
+    return 0 if state.status in ("completed", "cancelled") else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,237 @@
+"""The SLURM backend on a real local cluster (scripts/local_slurm.sh): runs submitted through
+submitit, preempted and timed out for real, requeued and resumed, on one node and on two."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from maestro_cli import maestro, wait_for, weights
+from slurm_cluster import SlurmCluster
+from trainer_runs import final_weights, launch, losses
+
+from mae_core import storage
+from mae_core.checkpoint import Checkpointer
+from orchestrator.registry import Registry, RunState
+from orchestrator.spec import load_spec
+
+# 8 steps per epoch: 240 steps, long enough to preempt three times.
+SPEC: dict[str, Any] = {
+    "name": "slurm", "seed": 5, "model": {"arch": "mae_vit_micro_patch4"},
+    "data": {"num_samples": 256, "input_size": 32},
+    "optim": {"epochs": 30, "global_batch": 32, "warmup_epochs": 1, "blr": 1e-3},
+    "resources": {"nodes": 1, "gpus_per_node": 2, "per_device_batch": 16, "threads": 1},
+    "checkpoint": {"interval_steps": 20, "keep_last": 2},
+}
+PROFILE: dict[str, Any] = {
+    "backend": "slurm", "partition": "low", "gpus_per_node": 0, "cpus_per_task": 1, "time_min": 30,
+    "signal_delay_s": 10, "array_parallelism": 2, "rendezvous": "file",
+    # gloo binds to loopback only, as everything in the tests does.
+    "setup": ["export GLOO_SOCKET_IFNAME=lo"],
+}
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def write_spec(tmp_path: Path, profile: dict[str, Any] | None = None, **over: Any) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump(merge(PROFILE, {"folder": str(tmp_path / "submitit"), **(profile or {})})))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(merge(SPEC, {"cluster": str(cluster), **over})))
+    return path
+
+
+def submit(spec: Path, root: str) -> Registry:
+    proc = maestro("submit", str(spec), "--root", root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return Registry(root)
+
+
+def only(registry: Registry) -> RunState:
+    [state] = registry.list()
+    return state
+
+
+def finished(registry: Registry, timeout: float = 240) -> list[RunState]:
+    wait_for(lambda: all(s.status in ("completed", "failed", "cancelled") for s in registry.list()),
+             timeout=timeout, what="runs to finish")
+    return registry.list()
+
+
+def checkpoint_step(registry: Registry, state: RunState) -> int:
+    url = storage.join(registry.run_url(state.experiment, state.run_id), "checkpoints")
+    info = Checkpointer(url, rank=0, world_size=1).latest()
+    return info.step if info else 0
+
+
+def preempt() -> str:
+    """Submit a high-priority job that needs every CPU: it can only start by preempting ``low``."""
+    cpus = subprocess.run(["sinfo", "-h", "-p", "high", "-o", "%c"], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    out = subprocess.run(["sbatch", "--parsable", "--partition", "high", "--cpus-per-task", cpus, "--output",
+                          "/dev/null", "--wrap", "sleep 2"], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def in_squeue(job_id: str) -> bool:
+    return bool(subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The uninterrupted run of SPEC: the same trainer config on 2 local processes."""
+    tmp = tmp_path_factory.mktemp("reference")
+    spec = load_spec(str(write_spec(tmp)))
+    config = tmp / "train.yaml"
+    config.write_text(spec.train_config(output=str(tmp / "run")).to_yaml())
+    proc = launch(config, 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return losses(str(tmp / "run")), final_weights(config)
+
+
+def assert_same_run(registry: Registry, state: RunState,
+                    reference: tuple[list[float], dict[str, torch.Tensor]]) -> None:
+    assert losses(registry.run_url(state.experiment, state.run_id)) == reference[0]
+    mine = weights(registry, state)
+    assert all(torch.equal(mine[k], reference[1][k]) for k in reference[1])
+
+
+def requeues_resume_where_they_stopped(registry: Registry, state: RunState) -> list[dict[str, Any]]:
+    """Each requeue's checkpoint is the step it stopped at, and the next attempt starts from it:
+    no step is computed twice beyond the one in flight when the signal came."""
+    events = registry.events(state.experiment, state.run_id)
+    requeues = [e for e in events if e["event"] == "requeued"]
+    starts = [e for e in events if e["event"] == "started"]
+    assert len(starts) == len(requeues) + 1
+    for stop, start in zip(requeues, starts[1:], strict=True):
+        assert stop["last_checkpoint_step"] == stop["step"] > 0
+        assert start["resumed_from_step"] == stop["step"]
+        assert start["job_id"] == starts[0]["job_id"]  # requeued under the same job id
+    return requeues
+
+
+class TestOneNode:
+    def test_submitted_run_completes_in_the_s3_registry(self, one_node: SlurmCluster, tmp_path: Path,
+                                                        s3_bucket: str) -> None:
+        root = f"{s3_bucket}/registry"
+        registry = submit(write_spec(tmp_path, optim={"epochs": 3}), root)
+        [state] = finished(registry)
+        assert state.status == "completed" and state.step == state.total_steps == 24, state.message
+        job_id = state.job_ids[0]
+        assert job_id.isdigit() and state.backend == "slurm"
+        run_url = registry.run_url(state.experiment, state.run_id)
+        assert run_url.startswith("s3://") and len(losses(run_url)) == 24
+        assert storage.exists(storage.join(run_url, "checkpoints/step-000000024/COMMITTED"))
+        listing = maestro("ls", "--root", root).stdout
+        assert f"slurm ({job_id})" in listing and "completed" in listing
+        assert "step 24/24" in maestro("logs", state.run_id, "--root", root).stdout
+
+    def test_preempted_run_requeues_and_equals_an_uninterrupted_run(
+            self, one_node: SlurmCluster, tmp_path: Path,
+            reference: tuple[list[float], dict[str, torch.Tensor]]) -> None:
+        registry = submit(write_spec(tmp_path), str(tmp_path / "registry"))
+        wait_for(lambda: checkpoint_step(registry, only(registry)) > 0, what="the first checkpoint")
+        preempt()
+        [state] = finished(registry)
+        assert state.status == "completed", state.message
+        assert state.attempts == 2 and state.preemptions == 1 and state.timeouts == 0
+        [requeue] = requeues_resume_where_they_stopped(registry, state)
+        assert requeue["reason"] == "preempted"
+        assert_same_run(registry, state, reference)
+
+    def test_three_preemptions_at_different_steps(self, one_node: SlurmCluster, tmp_path: Path,
+                                                  reference: tuple[list[float], dict[str, torch.Tensor]]) -> None:
+        registry = submit(write_spec(tmp_path), str(tmp_path / "registry"))
+        for attempt in range(1, 4):
+            start = checkpoint_step(registry, only(registry))
+            wait_for(lambda a=attempt, s=start: only(registry).attempts == a and only(registry).status == "running"
+                     and checkpoint_step(registry, only(registry)) > s, what=f"attempt {attempt} to train")
+            preempt()
+            wait_for(lambda a=attempt: only(registry).preemptions == a, what=f"preemption {attempt}")
+        [state] = finished(registry)
+        assert state.status == "completed" and state.attempts == 4 and state.preemptions == 3, state.message
+        requeues = requeues_resume_where_they_stopped(registry, state)
+        assert len({r["step"] for r in requeues}) == 3
+        assert_same_run(registry, state, reference)
+
+    def test_time_limit_requeues_and_the_timeout_budget(self, one_node: SlurmCluster, tmp_path: Path) -> None:
+        # A 1-minute limit with USR2 10 s before it: each attempt trains at most ~45 s, and the
+        # work (1,200 steps of one rank) takes longer than two attempts.
+        over: dict[str, Any] = {"optim": {"epochs": 150}, "resources": {"gpus_per_node": 1},
+                                "checkpoint": {"interval_steps": 50}}
+        generous = submit(write_spec(tmp_path / "a", {"time_min": 1}, **over), str(tmp_path / "a/registry"))
+        strict = submit(write_spec(tmp_path / "b", {"time_min": 1}, **over, requeue={"max_timeouts": 1}),
+                        str(tmp_path / "b/registry"))
+        [done] = finished(generous, timeout=420)
+        assert done.status == "completed" and done.timeouts >= 2 and done.preemptions == 0, done.message
+        assert {r["reason"] for r in requeues_resume_where_they_stopped(generous, done)} == {"timeout"}
+        assert len(losses(generous.run_url(done.experiment, done.run_id))) == done.total_steps
+        [failed] = finished(strict, timeout=240)
+        assert failed.status == "failed" and failed.timeouts == 2
+        assert failed.message is not None and "requeue.max_timeouts=1" in failed.message
+        assert "maestro resume" in failed.message
+
+    def test_grid_is_one_array_running_two_at_a_time(self, one_node: SlurmCluster, tmp_path: Path) -> None:
+        spec = write_spec(tmp_path, optim={"epochs": 2}, resources={"gpus_per_node": 1},
+                          sweep={"grid": {"model.mask_ratio": [0.5, 0.75], "model.decoder_depth": [1, 2]}})
+        registry = submit(spec, str(tmp_path / "registry"))
+        states = finished(registry)
+        assert [s.status for s in states] == ["completed"] * 4
+        assert len({s.run_id for s in states}) == 4
+        array_ids = {s.job_ids[0].split("_")[0] for s in states}
+        assert len(array_ids) == 1 and sorted(s.job_ids[0].split("_")[1] for s in states) == ["0", "1", "2", "3"]
+        spans = []
+        for s in states:
+            events = {e["event"]: e["time"] for e in registry.events(s.experiment, s.run_id)}
+            spans.append((events["started"], events["completed"]))
+        most_at_once = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+        assert most_at_once == 2
+
+    def test_cancel_leaves_squeue_within_15_s(self, one_node: SlurmCluster, tmp_path: Path) -> None:
+        root = str(tmp_path / "registry")
+        registry = submit(write_spec(tmp_path, optim={"epochs": 2000}), root)
+        wait_for(lambda: only(registry).status == "running" and only(registry).step > 0, what="the run to train")
+        job_id = only(registry).job_ids[-1]
+        started = time.monotonic()
+        assert maestro("cancel", "slurm", "--root", root).returncode == 0
+        wait_for(lambda: not in_squeue(job_id), timeout=15, what="the job to leave squeue")
+        print(f"cancel -> out of squeue: {time.monotonic() - started:.1f} s")
+        wait_for(lambda: only(registry).status == "cancelled", timeout=15, what="cancelled")
+        assert only(registry).status == "cancelled"
+
+    def test_partition_with_shell_metacharacters_is_refused_before_submitting(
+            self, one_node: SlurmCluster, tmp_path: Path) -> None:
+        marker = tmp_path / "pwned"
+        spec = write_spec(tmp_path, {"partition": f"low;touch {marker}"})
+        root = str(tmp_path / "registry")
+        proc = maestro("submit", str(spec), "--root", root)
+        assert proc.returncode == 2
+        [line] = proc.stdout.strip().splitlines()
+        assert line.startswith("error:") and "partition" in line and "Traceback" not in proc.stderr
+        assert not Registry(root).list()
+        assert not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip()
+        assert not marker.exists()
+
+
+class TestTwoNodes:
+    def test_two_nodes_one_task_each_match_two_local_processes(
+            self, two_nodes: SlurmCluster, tmp_path: Path,
+            reference: tuple[list[float], dict[str, torch.Tensor]]) -> None:
+        registry = submit(write_spec(tmp_path, resources={"nodes": 2, "gpus_per_node": 1}),
+                          str(tmp_path / "registry"))
+        [state] = finished(registry, timeout=300)
+        assert state.status == "completed", state.message
+        log = maestro("logs", state.run_id, "--root", str(tmp_path / "registry")).stdout
+        assert "world 2," in log
+        assert_same_run(registry, state, reference)
