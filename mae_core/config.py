@@ -15,7 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mae_core.data.config import DataConfig
-from mae_core.masking import MaskStrategy
+
+# Paper Table 1f; implemented in mae_core.masking. Defined here so configs load without torch.
+MaskStrategy = Literal["random", "block", "grid"]
 
 
 class _Section(BaseModel):

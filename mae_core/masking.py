@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
 import torch
 
-MaskStrategy = Literal["random", "block", "grid"]
-MASK_STRATEGIES: tuple[str, ...] = ("random", "block", "grid")
+from mae_core.config import MaskStrategy
+
+MASK_STRATEGIES: tuple[str, ...] = get_args(MaskStrategy)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.backends import Backend, get_backend
-from orchestrator.backends.slurm import SlurmBackend
 from orchestrator.errors import UserError
 from orchestrator.profiles import SlurmProfile, load_profile
 from orchestrator.registry import ACTIVE, FINISHED, Registry, RunState, default_root
@@ -92,6 +91,9 @@ def plan(spec_path: Annotated[str, typer.Argument(metavar="SPEC")], set_: SetOpt
     console.print(f"checkpoint every {ckpt.interval_steps or '-'} steps / {ckpt.interval_minutes or '-'} min, "
                   f"keeping the last {ckpt.keep_last}")
     if isinstance(profile, SlurmProfile):
+        # Imported here, not at the top: it loads torch, and ls/watch must start fast.
+        from orchestrator.backends.slurm import SlurmBackend
+
         budget = first.requeue
         limit = profile.time_min
         console.print(f"time limit {limit // 60}:{limit % 60:02d} h per job, USR2 {profile.signal_delay_s} s before; "
@@ -221,7 +223,9 @@ def resume(target: Annotated[str, typer.Argument(metavar="RUN|EXPERIMENT")], roo
             console.print(f"{state.key} is {state.status}; nothing to resume")
             continue
         registry.clear_cancel(state)
-        state = registry.update(state.experiment, state.run_id, status="pending", message=None, ended=None)
+        # A fresh requeue budget: the events keep the history of earlier ones.
+        state = registry.update(state.experiment, state.run_id, status="pending", message=None, ended=None,
+                                preemptions=0, timeouts=0, failures=0)
         registry.event(state, "resumed", last_checkpoint_step=state.last_checkpoint_step)
         backend_of(registry, state).submit(registry, [state])
         console.print(f"resuming {state.key} from step {state.last_checkpoint_step or 0}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +103,9 @@ def test_schema_is_json_schema_of_the_spec(capsys: pytest.CaptureFixture[str]) -
     code, out = run_in_process(capsys, "schema")
     schema = json.loads(out)
     assert code == 0 and {"model", "optim", "resources", "sweep"} <= set(schema["properties"])
+
+
+def test_cli_starts_without_importing_torch() -> None:
+    # `maestro ls` over a large registry must answer in well under 2 s; torch alone takes ~2 s to import.
+    code = "import sys, orchestrator.cli, orchestrator.registry; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
