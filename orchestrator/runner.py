@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import IO, Literal
@@ -55,18 +56,21 @@ def error_line(log: Path) -> str:
     return (errors or lines or ["the trainer exited without output"])[-1][:300]
 
 
-def write_train_config(registry: Registry, experiment: str, run_id: str) -> Path:
-    """The trainer's config for this run, in a fresh local temp dir (each rank writes its own)."""
+@contextmanager
+def train_config_file(registry: Registry, experiment: str, run_id: str) -> Iterator[Path]:
+    """The trainer's config for this run, in a local temp dir (each rank writes its own) that is
+    removed with everything else the attempt put there."""
     spec = registry.spec(experiment, run_id)
-    work = Path(tempfile.mkdtemp(prefix=f"maestro-{run_id}-"))
-    config = work / "train.yaml"
-    config.write_text(spec.train_config(output=registry.run_url(experiment, run_id)).to_yaml())
-    return config
+    with tempfile.TemporaryDirectory(prefix=f"maestro-{run_id}-") as work:
+        config = Path(work) / "train.yaml"
+        config.write_text(spec.train_config(output=registry.run_url(experiment, run_id)).to_yaml())
+        yield config
 
 
 def run_trainer(argv: list[str], log: IO[bytes] | None = None, env: dict[str, str] | None = None,
-                poll: Callable[[subprocess.Popen[bytes]], None] | None = None) -> int:
-    """Run the trainer, forwarding preemption signals to it; returns its exit status.
+                poll: Callable[[subprocess.Popen[bytes]], None] | None = None) -> tuple[int, list[int]]:
+    """Run the trainer, forwarding preemption signals to it; returns its exit status and the
+    signals it was sent.
 
     A trainer signalled before it installed its handler dies of the signal. It had trained
     nothing since its last checkpoint, so that counts as the preempted exit, not a failure.
@@ -81,15 +85,18 @@ def run_trainer(argv: list[str], log: IO[bytes] | None = None, env: dict[str, st
 
     previous = {sig: signal.signal(sig, forward) for sig in PREEMPT_SIGNALS}
     try:
-        while proc.poll() is None:
-            time.sleep(POLL_S if poll else 0.2)
-            if poll:
-                poll(proc)
+        while True:
+            try:
+                proc.wait(timeout=POLL_S)  # returns as soon as the trainer exits
+                break
+            except subprocess.TimeoutExpired:
+                if poll:
+                    poll(proc)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     code = proc.returncode
-    return PREEMPTED_EXIT_CODE if signalled and code < 0 else code
+    return (PREEMPTED_EXIT_CODE if signalled and code < 0 else code), signalled
 
 
 def run_attempt(root: str, experiment: str, run_id: str, command: Callable[[Path], list[str]],
@@ -114,25 +121,25 @@ def run_attempt(root: str, experiment: str, run_id: str, command: Callable[[Path
     registry.event(state, "started", attempt=state.attempts, host=state.host, resumed_from_step=resumed_from,
                    job_id=state.job_ids[-1] if state.job_ids else None, restart_count=restart)
 
-    config = write_train_config(registry, experiment, run_id)
-    log_path = config.parent / "train.log"
     cancelling = False
     last_upload = time.monotonic()
+    with train_config_file(registry, experiment, run_id) as config:
+        log_path = config.parent / "train.log"
 
-    def poll(proc: subprocess.Popen[bytes]) -> None:
-        nonlocal cancelling, last_upload, state
-        if not cancelling and registry.cancel_requested(state):
-            cancelling = True
-            proc.send_signal(signal.SIGTERM)  # checkpoint at the next step, then exit
-        if time.monotonic() - last_upload >= UPLOAD_S:
-            state = registry.update(experiment, run_id, **progress(registry, state))
-            storage.write_bytes(registry.log_url(state, state.attempts), log_path.read_bytes())
-            last_upload = time.monotonic()
+        def poll(proc: subprocess.Popen[bytes]) -> None:
+            nonlocal cancelling, last_upload, state
+            if not cancelling and registry.cancel_requested(state):
+                cancelling = True
+                proc.send_signal(signal.SIGTERM)  # checkpoint at the next step, then exit
+            if time.monotonic() - last_upload >= UPLOAD_S:
+                state = registry.update(experiment, run_id, **progress(registry, state))
+                storage.write_bytes(registry.log_url(state, state.attempts), log_path.read_bytes())
+                last_upload = time.monotonic()
 
-    with log_path.open("wb") as log:
-        code = run_trainer(command(config), log=log, env=env, poll=poll)
-
-    storage.write_bytes(registry.log_url(state, state.attempts), log_path.read_bytes())
+        with log_path.open("wb") as log:
+            code, signals = run_trainer(command(config), log=log, env=env, poll=poll)
+        storage.write_bytes(registry.log_url(state, state.attempts), log_path.read_bytes())
+        last_error = error_line(log_path)
     state = registry.state(experiment, run_id)
     fields = {**progress(registry, state), "last_checkpoint_step": latest_checkpoint_step(registry, state),
               "pid": None}
@@ -143,6 +150,11 @@ def run_attempt(root: str, experiment: str, run_id: str, command: Callable[[Path
     elif cancelling or registry.cancel_requested(state):
         state = registry.update(experiment, run_id, status="cancelled", ended=time.time(),
                                 message=f"cancelled; {resume_hint}", **fields)
+    elif code == PREEMPTED_EXIT_CODE and can_requeue and signal.SIGUSR2 not in signals:
+        # Preemption and the time limit send USR2 first; a bare TERM is someone's scancel.
+        state = registry.update(experiment, run_id, status="cancelled", ended=time.time(),
+                                message=f"stopped by {', '.join(signal.Signals(s).name for s in signals)} "
+                                f"(an external scancel?); {resume_hint}", **fields)
     elif code == PREEMPTED_EXIT_CODE:
         reason = stop_reason()
         if reason == "timeout":
@@ -163,7 +175,7 @@ def run_attempt(root: str, experiment: str, run_id: str, command: Callable[[Path
         requeue = can_requeue and failures <= budgets.max_failures
         state = registry.update(experiment, run_id, status="requeued" if requeue else "failed",
                                 failures=failures, ended=None if requeue else time.time(),
-                                message=error_line(log_path), **fields)
+                                message=last_error, **fields)
     registry.event(state, state.status, exit_code=code, step=state.step, reason=state.message,
                    last_checkpoint_step=state.last_checkpoint_step)
     return state

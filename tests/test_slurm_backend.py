@@ -210,6 +210,17 @@ class TestOneNode:
         wait_for(lambda: only(registry).status == "cancelled", timeout=15, what="cancelled")
         assert only(registry).status == "cancelled"
 
+    def test_external_scancel_stops_the_run_instead_of_requeueing_it(self, one_node: SlurmCluster,
+                                                                     tmp_path: Path) -> None:
+        registry = submit(write_spec(tmp_path, optim={"epochs": 2000}), str(tmp_path / "registry"))
+        wait_for(lambda: only(registry).status == "running" and only(registry).step > 0, what="the run to train")
+        job_id = only(registry).job_ids[-1]
+        subprocess.run(["scancel", job_id], check=True)
+        [state] = finished(registry, timeout=60)
+        assert state.status == "cancelled" and state.attempts == 1 and "SIGTERM" in (state.message or "")
+        wait_for(lambda: not in_squeue(job_id), timeout=30, what="the job to leave squeue")
+        assert state.last_checkpoint_step is not None and state.last_checkpoint_step > 0
+
     def test_partition_with_shell_metacharacters_is_refused_before_submitting(
             self, one_node: SlurmCluster, tmp_path: Path) -> None:
         marker = tmp_path / "pwned"

@@ -27,7 +27,7 @@ from mae_core.distributed import INIT_METHOD_ENV
 from orchestrator.errors import UserError
 from orchestrator.profiles import SlurmProfile
 from orchestrator.registry import ACTIVE, Registry, RunState
-from orchestrator.runner import StopReason, run_attempt, run_trainer, write_train_config
+from orchestrator.runner import StopReason, run_attempt, run_trainer, train_config_file
 from orchestrator.spec import ExperimentSpec
 
 # Our budgets decide about requeues; submitit's own timeout count must never refuse one.
@@ -55,7 +55,8 @@ class SlurmRun(submitit.helpers.Checkpointable):
         assert isinstance(profile, SlurmProfile)
         env = rank_env(job, profile)
         if job.global_rank != 0:
-            code = run_trainer(trainer_command(write_train_config(registry, experiment, run_id)), env=env)
+            with train_config_file(registry, experiment, run_id) as config:
+                code, _ = run_trainer(trainer_command(config), env=env)
             if code not in (0, 75):
                 raise RuntimeError(f"rank {job.global_rank}: the trainer exited {code}")
             return "done"
