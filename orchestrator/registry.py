@@ -135,7 +135,9 @@ class Registry:
                     paths.append(f"{entry['name'].rstrip('/')}/state.json")
         if not paths:
             return []
-        blobs = fs.cat(paths, on_error="omit")
+        # One GET per state: with concurrency above 1, s3fs first sends a HEAD per file to decide
+        # on ranged parallel downloads, doubling the requests for objects of a few hundred bytes.
+        blobs = fs.cat(paths, on_error="omit", max_concurrency=1)
         states = [RunState.model_validate_json(blob) for blob in blobs.values()]
         return sorted(states, key=lambda s: (s.experiment, s.created, s.run_id))
 
