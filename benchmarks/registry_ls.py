@@ -186,7 +186,7 @@ def naive_read(root: str) -> int:
     count = 0
     for exp in Registry(root).experiments():
         for entry in storage.listdir(storage.join(root, exp)):
-            if entry["type"] == "directory":
+            if entry["type"] == "directory" and not entry["name"].rstrip("/").rsplit("/", 1)[-1].startswith("."):
                 RunState.model_validate_json(fs.cat_file(f"{entry['name'].rstrip('/')}/state.json"))
                 count += 1
     return count

@@ -8,6 +8,8 @@ can read it, and no database or shared filesystem is needed.
         events.jsonl     what happened, in order
         cancel           present once a cancel was requested
         metrics.jsonl    tb/    checkpoints/    logs/     (written by the trainer and the runner)
+    <root>/<experiment>/.states/<run_id>.json    a copy of each state.json, for listing
+    <root>/<experiment>/.index.json              states as last read by `ls`, keyed by version
 
 Every object is replaced whole by one atomic write (``mae_core.storage``), so a reader polling
 while a run writes sees the previous version or the next, never a torn one. After a run starts,
@@ -34,6 +36,10 @@ Status = Literal["pending", "queued", "running", "preempted", "requeued", "compl
 ACTIVE: frozenset[str] = frozenset({"pending", "queued", "running", "preempted", "requeued"})
 FINISHED: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 ROOT_ENV = "MAESTRO_ROOT"
+# Per experiment: a copy of every run's state.json in one folder, so a single listing request
+# returns every run's version; and a reader-maintained cache of those states keyed by version.
+STATES = ".states"
+INDEX = ".index.json"
 # libyaml where installed: every run has YAML files, and the pure-Python codec dominated
 # submitting a 1,000-run grid.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -66,6 +72,11 @@ class RunState(BaseModel):
     @property
     def key(self) -> str:
         return f"{self.experiment}/{self.run_id}"
+
+
+def _version(entry: dict[str, Any]) -> str:
+    """What changes whenever an object is rewritten: the ETag on object stores."""
+    return str(entry.get("ETag") or entry.get("etag") or f"{entry.get('mtime')}:{entry.get('size')}")
 
 
 def default_root() -> str:
@@ -113,8 +124,12 @@ class Registry:
 
     def write_state(self, state: RunState) -> None:
         state.updated = time.time()
-        storage.write_bytes(self._url(state.experiment, state.run_id, "state.json"),
-                            state.model_dump_json().encode())
+        data = state.model_dump_json().encode()
+        storage.write_bytes(self._url(state.experiment, state.run_id, "state.json"), data)
+        storage.write_bytes(storage.join(self._states_url(state.experiment), f"{state.run_id}.json"), data)
+
+    def _states_url(self, experiment: str) -> str:
+        return storage.join(self.root, experiment, STATES)
 
     def update(self, experiment: str, run_id: str, **changes: Any) -> RunState:
         state = self.state(experiment, run_id).model_copy(update=changes)
@@ -126,20 +141,39 @@ class Registry:
                       if e["type"] == "directory")
 
     def list(self, experiment: str | None = None) -> list[RunState]:
-        """Every run's state, read with one batched request per experiment on object stores."""
-        fs, root_path = storage.filesystem(self.root)
-        paths: list[str] = []
+        """Every run's state (or one experiment's), oldest first."""
+        states: list[RunState] = []
         for exp in [experiment] if experiment else self.experiments():
-            for entry in storage.listdir(storage.join(self.root, exp)):
-                if entry["type"] == "directory":
-                    paths.append(f"{entry['name'].rstrip('/')}/state.json")
-        if not paths:
-            return []
-        # One GET per state: with concurrency above 1, s3fs first sends a HEAD per file to decide
-        # on ranged parallel downloads, doubling the requests for objects of a few hundred bytes.
-        blobs = fs.cat(paths, on_error="omit", max_concurrency=1)
-        states = [RunState.model_validate_json(blob) for blob in blobs.values()]
+            states += self._experiment_states(exp)
         return sorted(states, key=lambda s: (s.experiment, s.created, s.run_id))
+
+    def _experiment_states(self, experiment: str) -> list[RunState]:
+        """The states of one experiment from its listing mirror: one listing gives every run's
+        version, and on object stores only the states that changed since the experiment's index
+        was written are fetched; the index is then rewritten for the next reader."""
+        fs, _ = storage.filesystem(self.root)
+        local = storage.is_local(fs)
+        versions = {e["name"].rstrip("/").rsplit("/", 1)[-1].removesuffix(".json"): _version(e)
+                    for e in storage.listdir(self._states_url(experiment)) if e["type"] == "file"}
+        index_url = storage.join(self.root, experiment, INDEX)
+        index: dict[str, Any] = {}
+        if not local and storage.exists(index_url):
+            try:
+                index = storage.read_json(index_url)
+            except ValueError:
+                index = {}  # a torn or foreign file only costs the fetches below
+        stale = [r for r in versions if index.get(r, {}).get("version") != versions[r]]
+        if stale:
+            _, base = storage.filesystem(self._states_url(experiment))
+            # One GET per state: with concurrency above 1, s3fs first sends a HEAD per file to
+            # decide on ranged parallel downloads, doubling the requests for tiny objects.
+            blobs = fs.cat([f"{base}/{r}.json" for r in stale], on_error="omit", max_concurrency=1)
+            for path, blob in blobs.items():
+                run_id = path.rsplit("/", 1)[-1].removesuffix(".json")
+                index[run_id] = {"version": versions[run_id], "state": json.loads(blob)}
+            if not local:
+                storage.write_json(index_url, {r: index[r] for r in versions if r in index})
+        return [RunState.model_validate(index[r]["state"]) for r in versions if r in index]
 
     def resolve(self, target: str) -> list[RunState]:
         """``EXPERIMENT``, ``EXPERIMENT/RUN_ID`` or a bare ``RUN_ID`` (unique across experiments)."""

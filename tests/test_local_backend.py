@@ -136,3 +136,21 @@ def test_readers_never_see_a_torn_state_file(tmp_path: Path, request: pytest.Fix
     reader.join()
     assert not bad
     assert registry.state("load", "r1").step == 149
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_listing_follows_every_state_change(tmp_path: Path, request: pytest.FixtureRequest, where: str) -> None:
+    # On object stores `ls` serves unchanged runs from the experiment's index; a run that changed
+    # since must still show its new state, whoever wrote it.
+    root = str(tmp_path / "registry") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/registry"
+    writer, reader = Registry(root), Registry(root)
+    for i in range(5):
+        writer.write_state(RunState(experiment="grid", run_id=f"r{i}", step=i))
+    assert [s.step for s in reader.list("grid")] == [0, 1, 2, 3, 4]
+    for i in (1, 3):
+        writer.update("grid", f"r{i}", status="running", step=100 + i)
+    writer.write_state(RunState(experiment="grid", run_id="r5", step=5))
+    listed = {s.run_id: s for s in reader.list()}
+    assert [listed[f"r{i}"].step for i in range(6)] == [0, 101, 2, 103, 4, 5]
+    assert listed["r1"].status == listed["r3"].status == "running" and listed["r0"].status == "pending"
+    assert Registry(root).list("grid") == reader.list("grid")
