@@ -32,3 +32,14 @@ def test_zip_pairs_values_and_grid_multiplies() -> None:
     both = load_spec(ABLATION, ["data.num_samples=2048", "sweep.grid={seed: [1, 2, 3]}",
                                 "sweep.zip={model.mask_ratio: [0.5, 0.9]}"])
     assert len(expand(both)) == 6
+
+
+def test_plan_on_slurm_shows_the_recipe_and_the_sbatch_script(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_in_process(capsys, "plan", str(REPO / "jobs/vit_huge_1600ep.yaml"))
+    assert code == 0, out
+    assert "8x8" in out and "0.0024" in out and "499200" in out  # devices, lr, total steps
+    assert "time limit 72:00 h" in out and "timeouts" in out and "preemptions unlimited" in out
+    for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --time=4320", "#SBATCH --partition=gpu"):
+        assert line in out, line
+    assert "srun" in out and "submitit" in out
