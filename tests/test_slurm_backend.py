@@ -166,14 +166,14 @@ class TestOneNode:
         assert_same_run(registry, state, reference)
 
     def test_time_limit_requeues_and_the_timeout_budget(self, one_node: SlurmCluster, tmp_path: Path) -> None:
-        # A 1-minute limit with USR2 10 s before it: each attempt trains at most ~45 s, and the
-        # work (1,200 steps of one rank) takes longer than two attempts.
-        over: dict[str, Any] = {"optim": {"epochs": 150}, "resources": {"gpus_per_node": 1},
-                                "checkpoint": {"interval_steps": 50}}
-        generous = submit(write_spec(tmp_path / "a", {"time_min": 1}, **over), str(tmp_path / "a/registry"))
-        strict = submit(write_spec(tmp_path / "b", {"time_min": 1}, **over, requeue={"max_timeouts": 1}),
-                        str(tmp_path / "b/registry"))
-        [done] = finished(generous, timeout=420)
+        # A 1-minute limit with USR2 10 s before it: an attempt trains at most ~50 s, about 1,500
+        # steps of one rank here. 4,000 steps need at least 3 attempts; 8,000 cannot fit in 2.
+        over: dict[str, Any] = {"resources": {"gpus_per_node": 1}, "checkpoint": {"interval_steps": 200}}
+        generous = submit(write_spec(tmp_path / "a", {"time_min": 1}, **over, optim={"epochs": 500},
+                                     requeue={"max_timeouts": 10}), str(tmp_path / "a/registry"))
+        strict = submit(write_spec(tmp_path / "b", {"time_min": 1}, **over, optim={"epochs": 1000},
+                                   requeue={"max_timeouts": 1}), str(tmp_path / "b/registry"))
+        [done] = finished(generous, timeout=600)
         assert done.status == "completed" and done.timeouts >= 2 and done.preemptions == 0, done.message
         assert {r["reason"] for r in requeues_resume_where_they_stopped(generous, done)} == {"timeout"}
         assert len(losses(generous.run_url(done.experiment, done.run_id))) == done.total_steps
