@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from common import OtherLoad
 from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -48,45 +49,6 @@ class Result:
     baseline: list[float]
     flops: tuple[int, int]
     other_load: float | None
-
-
-class OtherLoad:
-    """Share of the machine's CPU time taken by other processes (and the hypervisor) while in the block.
-
-    Medians and interleaving absorb short blips, not a test suite running beside the benchmark on
-    2 cores, so the share is printed with every result: a high value marks that result as suspect.
-    """
-
-    def __init__(self) -> None:
-        self.other = self.wall = 0.0
-        self.known = True
-
-    @staticmethod
-    def _busy() -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-        except (OSError, ValueError):
-            return None
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-    def __enter__(self) -> OtherLoad:
-        self._start = (self._busy(), sum(os.times()[:2]), time.perf_counter())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        busy, own, wall = self._busy(), sum(os.times()[:2]), time.perf_counter()
-        if busy is None or self._start[0] is None:
-            self.known = False
-        else:
-            self.other += max(0.0, (busy - self._start[0]) - (own - self._start[1]))
-        self.wall += wall - self._start[2]
-
-    @property
-    def share(self) -> float | None:
-        if not self.known or not self.wall:
-            return None
-        return self.other / (self.wall * (os.cpu_count() or 1))
 
 
 def _sdpa_flops(q: torch.Size, k: torch.Size, v: torch.Size, *args: object, out_shape: object = None,

@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from common import start_moto
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mae_core.data import DataConfig
@@ -58,28 +56,6 @@ def rate(batches: Iterator[torch.Tensor], seconds: float) -> float:
     while time.perf_counter() - start < seconds:
         count += len(next(batches))
     return count / (time.perf_counter() - start)
-
-
-def start_moto() -> subprocess.Popen[bytes]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError("moto server did not start within 30 s") from None
-            time.sleep(0.1)
-    # moto accepts any key; these dummy values only satisfy botocore's credential lookup
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
-    return server
 
 
 def cpu_seconds(pid: int) -> float:

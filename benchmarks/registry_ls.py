@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common import OtherLoad, start_moto
 from rich.console import Console
 from rich.table import Table
 
@@ -44,82 +44,6 @@ EXPERIMENTS = ["mae-vit-b-1600ep", "mae-vit-l-800ep", "mae-vit-h-1600ep", "mask-
                "lr-sweep-vit-l", "norm-pix-ablation", "vit-b-smoke"]
 STATUS_WEIGHTS = {"completed": 55, "running": 12, "failed": 8, "cancelled": 5, "queued": 8, "pending": 5,
                   "preempted": 3, "requeued": 4}
-
-
-class OtherLoad:
-    """Share of the machine's CPU time taken by processes other than this one, its children and the
-    moto server (and by the hypervisor) while in the block.
-
-    Medians absorb short blips, not a test suite running beside the benchmark on 2 cores, so the
-    share is printed with the results: a high value marks them as suspect.
-    """
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.other = self.wall = 0.0
-        self.known = True
-
-    @staticmethod
-    def _busy() -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-        except (OSError, ValueError):
-            return None
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-    def _own(self) -> float:
-        total = sum(os.times()[:4])
-        for pid in self.pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            except (OSError, ValueError, IndexError):
-                self.known = False
-        return total
-
-    def __enter__(self) -> OtherLoad:
-        self._start = (self._busy(), self._own(), time.perf_counter())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        busy, own, wall = self._busy(), self._own(), time.perf_counter()
-        if busy is None or self._start[0] is None:
-            self.known = False
-        else:
-            self.other += max(0.0, (busy - self._start[0]) - (own - self._start[1]))
-        self.wall += wall - self._start[2]
-
-    @property
-    def share(self) -> float | None:
-        if not self.known or not self.wall:
-            return None
-        return self.other / (self.wall * (os.cpu_count() or 1))
-
-
-def start_moto() -> subprocess.Popen[bytes]:
-    """A moto S3 server on loopback, reached through s3fs exactly as in tests/conftest.py."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError("moto server did not start within 30 s") from None
-            time.sleep(0.1)
-    # Set in os.environ so that the `maestro ls` subprocesses inherit the endpoint too. moto accepts
-    # any key; these dummy values only satisfy botocore's credential lookup.
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
-    return server
 
 
 def fake_state(rng: random.Random, experiment: str, index: int) -> RunState:

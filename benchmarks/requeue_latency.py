@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The cluster helper lives with the tests; it is not part of the installed package.
 sys.path.insert(0, str(REPO / "tests"))
 from slurm_cluster import SlurmCluster, available, start_cluster  # noqa: E402
+from trainer_runs import merge  # noqa: E402
 
 MAESTRO = str(Path(sys.executable).with_name("maestro"))
 TARGET_S = 30.0
@@ -74,13 +75,6 @@ PROFILE: dict[str, Any] = {
     # gloo binds to loopback only, as everything in the tests does.
     "setup": ["export GLOO_SOCKET_IFNAME=lo"],
 }
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def write_spec(directory: Path, **over: Any) -> Path:

@@ -13,7 +13,7 @@ import torch
 import yaml
 from maestro_cli import maestro, wait_for, weights
 from slurm_cluster import SlurmCluster
-from trainer_runs import final_weights, launch, losses
+from trainer_runs import final_weights, launch, losses, merge
 
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer
@@ -34,13 +34,6 @@ PROFILE: dict[str, Any] = {
     # gloo binds to loopback only, as everything in the tests does.
     "setup": ["export GLOO_SOCKET_IFNAME=lo"],
 }
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def write_spec(tmp_path: Path, profile: dict[str, Any] | None = None, **over: Any) -> Path:
