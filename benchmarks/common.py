@@ -4,10 +4,10 @@ processes took while a benchmark ran."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 import time
+
+from orchestrator.testing.s3_server import start_s3_server
 
 
 class OtherLoad:
@@ -63,24 +63,8 @@ class OtherLoad:
 
 
 def start_moto() -> subprocess.Popen[bytes]:
-    """A moto S3 server on loopback, reached through s3fs exactly as in tests/conftest.py."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError("moto server did not start within 30 s") from None
-            time.sleep(0.1)
-    # Set in os.environ so that subprocesses (e.g. `maestro ls`) inherit the endpoint too. moto
-    # accepts any key; these dummy values only satisfy botocore's credential lookup.
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
-    return server
+    """A moto S3 server on loopback (``orchestrator.testing``, as in the tests), its endpoint set in
+    os.environ so that subprocesses (e.g. `maestro ls`) inherit it too."""
+    server = start_s3_server()
+    os.environ.update(server.env)
+    return server.proc

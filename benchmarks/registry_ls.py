@@ -9,7 +9,7 @@ folder, one in a bucket on a moto S3 server that it starts on 127.0.0.1. For eac
   imports included), median of several runs, its output checked to list every run;
 - the same command on a registry holding 1 run: the fixed cost of the command, so
   ls(N)/ls(1) is the cost of the runs themselves, on this machine, in this run;
-- ``Registry(root).list()`` in-process (what `maestro watch` pays per refresh);
+- ``Registry(root).runs()`` in-process (what `maestro watch` pays per refresh);
 - the naive read it replaces, one ``fs.cat_file`` per state.json in turn: naive/list is what the
   batched read buys.
 
@@ -132,19 +132,19 @@ def measure(roots: dict[str, str], runs: int, repeats: int) -> list[tuple[str, s
         for _ in range(repeats):
             ls_one += timed(lambda one=one: run_command([maestro, "ls", "--root", one], expect_rows=1), 1)
             ls_many += timed(lambda many=many: run_command([maestro, "ls", "--root", many], expect_rows=runs), 1)
-        Registry(many).list()
-        listed = timed(lambda many=many: Registry(many).list(), repeats)
+        Registry(many).runs()
+        listed = timed(lambda many=many: Registry(many).runs(), repeats)
         naive = timed(lambda many=many: naive_read(many), repeats)
-        if len(Registry(many).list()) != runs or naive_read(many) != runs:
+        if len(Registry(many).runs()) != runs or naive_read(many) != runs:
             raise RuntimeError(f"{kind}: registry does not hold {runs} runs")
         verdict = "PASS" if statistics.median(ls_many) < TARGET_S else "FAIL"
         rows += [(kind, "maestro ls (1 run)", ls_one, ""),
                  (kind, f"maestro ls ({runs} runs)", ls_many,
                   f"{statistics.median(ls_many) / statistics.median(ls_one):.2f}x ls(1); "
                   f"target < {TARGET_S:.0f} s: {verdict}"),
-                 (kind, "Registry.list() in-process", listed, ""),
+                 (kind, "Registry.runs() in-process", listed, ""),
                  (kind, "naive: cat_file per run, in turn", naive,
-                  f"{statistics.median(naive) / statistics.median(listed):.2f}x Registry.list()")]
+                  f"{statistics.median(naive) / statistics.median(listed):.2f}x Registry.runs()")]
     return rows
 
 

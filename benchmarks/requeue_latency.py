@@ -1,7 +1,7 @@
 """How long a preempted SLURM run is off the CPUs, and what submitting a 1,000-run grid costs.
 
 Both parts run on a real local SLURM cluster (1 node, all CPUs) that this script starts through
-tests/slurm_cluster.py and stops at the end. It uses the same spec and profile as
+orchestrator/testing/slurm_cluster.py and stops at the end. It uses the same spec and profile as
 tests/test_slurm_backend.py.
 
 1. Requeue latency. A tiny run (mae_vit_micro_patch4 on synthetic data, 2 tasks x 1 CPU, partition
@@ -47,12 +47,10 @@ import yaml
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer
 from orchestrator.registry import Registry, RunState
+from orchestrator.testing.slurm_cluster import SlurmCluster, available, start_cluster
+from orchestrator.testing.specs import merge
 
 REPO = Path(__file__).resolve().parent.parent
-# The cluster helper lives with the tests; it is not part of the installed package.
-sys.path.insert(0, str(REPO / "tests"))
-from slurm_cluster import SlurmCluster, available, start_cluster  # noqa: E402
-from trainer_runs import merge  # noqa: E402
 
 MAESTRO = str(Path(sys.executable).with_name("maestro"))
 TARGET_S = 30.0
@@ -65,7 +63,7 @@ SPEC: dict[str, Any] = {
     "name": "requeue", "seed": 5, "model": {"arch": "mae_vit_micro_patch4"},
     "data": {"num_samples": 256, "input_size": 32},
     "optim": {"epochs": 100_000, "global_batch": 32, "warmup_epochs": 1, "blr": 1e-3},
-    "resources": {"nodes": 1, "gpus_per_node": 2, "per_device_batch": 16, "threads": 1},
+    "resources": {"nodes": 1, "gpus_per_node": 2, "per_device_batch": 16}, "runtime": {"threads": 1},
     # keep_last 5: the preempted attempt's checkpoint must still exist when its mtime is read.
     "checkpoint": {"interval_steps": 20, "keep_last": 5},
 }
@@ -137,7 +135,7 @@ def cancel(job_ids: list[str], registries: list[Registry] | None = None) -> None
     first) makes the runner end it instead.
     """
     for registry in registries or []:
-        for state in registry.list():
+        for state in registry.runs():
             registry.request_cancel(state)
     live = [j for j in job_ids if in_squeue(j)]
     if not live:
@@ -153,7 +151,7 @@ def cancel(job_ids: list[str], registries: list[Registry] | None = None) -> None
 # Part 1: requeue latency ------------------------------------------------------------------------
 
 def only(registry: Registry) -> RunState:
-    [state] = registry.list()
+    [state] = registry.runs()
     return state
 
 
@@ -313,7 +311,7 @@ def grid_submit(work: Path, size: int, repeats: int, profile: bool, jobs: list[s
 
         root = str(work / f"grid-registry-{r}")
         maestro_s.append(maestro("submit", str(spec), "--root", root))
-        states = Registry(root).list()
+        states = Registry(root).runs()
         arrays = sorted({s.job_ids[-1].split("_")[0] for s in states if s.job_ids})
         jobs.extend(arrays)
         queued = len(sh("squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i").splitlines()) if arrays else 0
@@ -357,7 +355,7 @@ def print_profile(spec: Path, root: str, jobs: list[str]) -> None:
             raise
     finally:
         sys.argv = argv
-    jobs.extend(sorted({s.job_ids[-1].split("_")[0] for s in Registry(root).list() if s.job_ids}))
+    jobs.extend(sorted({s.job_ids[-1].split("_")[0] for s in Registry(root).runs() if s.job_ids}))
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out).sort_stats("cumulative")
     # Only the orchestrator's own frames and the storage calls they end in: it reads as a call tree.
@@ -429,7 +427,7 @@ def main() -> None:
         finally:
             # The runner leaves each attempt's trainer config dir in /tmp; ours are named by our run ids.
             for registry in registries:
-                for state in registry.list():
+                for state in registry.runs():
                     for leftover in Path(tempfile.gettempdir()).glob(f"maestro-{state.run_id}-*"):
                         shutil.rmtree(leftover, ignore_errors=True)
             shutil.rmtree(work, ignore_errors=True)

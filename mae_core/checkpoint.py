@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import logging
 import random
-import re
 import time
 import warnings
 from concurrent.futures import Future
@@ -31,11 +30,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.stateful import Stateful
 
 from mae_core import storage
+from mae_core.config import CheckpointConfig
+from mae_core.contract import MARKER, STEP_DIR, CheckpointInfo, scan_checkpoints, step_dir
 
 log = logging.getLogger(__name__)
-
-MARKER = "COMMITTED"
-_STEP_DIR = re.compile(r"step-(\d{9})$")
 
 
 class CheckpointError(RuntimeError):
@@ -58,13 +56,33 @@ class TrainState(Stateful):
 
 
 @dataclass(frozen=True)
-class CheckpointInfo:
-    url: str
-    step: int
-    epoch: int
-    permanent: bool
-    world_size: int
-    meta: dict[str, Any]
+class Save:
+    permanent: bool  # kept past retention (keep_every_epochs)
+
+
+class SavePolicy:
+    """When to save, in one place: on request (preemption, a stop), at the end, every
+    ``interval_steps``, every ``interval_minutes`` and at the epochs kept for good."""
+
+    def __init__(self, cfg: CheckpointConfig, steps_per_epoch: int, total_steps: int) -> None:
+        self.cfg, self.steps_per_epoch, self.total_steps = cfg, steps_per_epoch, total_steps
+        self._last = time.monotonic()
+
+    def time_due(self) -> bool:
+        """This process's vote for a time-based save; the trainer agrees on it across ranks,
+        since clocks differ and every rank must take part in a save."""
+        minutes = self.cfg.interval_minutes
+        return minutes is not None and time.monotonic() - self._last >= minutes * 60
+
+    def decide(self, step: int, requested: bool, time_due: bool) -> Save | None:
+        epoch_end = step % self.steps_per_epoch == 0
+        every = self.cfg.keep_every_epochs
+        permanent = bool(epoch_end and every and (step // self.steps_per_epoch) % every == 0)
+        interval = self.cfg.interval_steps
+        if requested or permanent or time_due or step == self.total_steps or (interval and step % interval == 0):
+            self._last = time.monotonic()
+            return Save(permanent=permanent)
+        return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -109,39 +127,12 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo") if async_save else None
 
     def step_url(self, step: int) -> str:
-        return storage.join(self.url, f"step-{step:09d}")
+        return storage.join(self.url, step_dir(step))
 
     # Discovery -----------------------------------------------------------------------------
     def scan(self) -> tuple[list[CheckpointInfo], list[str]]:
         """Complete checkpoints (oldest first) and the URLs of incomplete ones."""
-        complete, incomplete = [], []
-        for entry in storage.listdir(self.url):
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if entry["type"] != "directory" or not _STEP_DIR.match(name):
-                continue
-            url = storage.join(self.url, name)
-            info = self._verify(url)
-            if info is None:
-                incomplete.append(url)
-            else:
-                complete.append(info)
-        complete.sort(key=lambda c: c.step)
-        return complete, incomplete
-
-    def _verify(self, url: str) -> CheckpointInfo | None:
-        try:
-            marker = storage.read_json(storage.join(url, MARKER))
-        except (FileNotFoundError, ValueError):
-            return None
-        sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in storage.listdir(url)}
-        for name, size in marker["files"].items():
-            if sizes.get(name) != size:
-                log.warning("checkpoint %s is damaged: %s has %s bytes, expected %s; skipping it",
-                            url, name, sizes.get(name), size)
-                return None
-        return CheckpointInfo(url=url, step=marker["step"], epoch=marker["epoch"],
-                              permanent=marker["permanent"], world_size=marker["world_size"],
-                              meta=marker["meta"])
+        return scan_checkpoints(self.url)
 
     def latest(self) -> CheckpointInfo | None:
         complete, incomplete = self.scan()
@@ -196,7 +187,7 @@ class Checkpointer:
             storage.remove(old.url)
         for url in incomplete:
             # Leftovers of saves that died before the one just committed; a newer one may be in flight.
-            match = _STEP_DIR.search(url)
+            match = STEP_DIR.search(url)
             if match and int(match.group(1)) < just_committed:
                 storage.remove(url)
 

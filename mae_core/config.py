@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mae_core.data.config import DataConfig
+from mae_core.schedule import accumulation_steps
 
 # Paper Table 1f; implemented in mae_core.masking. Defined here so configs load without torch.
 MaskStrategy = Literal["random", "block", "grid"]
@@ -45,9 +46,6 @@ class OptimConfig(_Section):
     beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
     global_batch: int = Field(default=64, gt=0, description="images per optimizer step over all devices")
 
-    def lr(self) -> float:
-        return self.blr * self.global_batch / 256
-
 
 class CheckpointConfig(_Section):
     interval_steps: int | None = Field(default=100, gt=0, description="save every N optimizer steps")
@@ -57,14 +55,19 @@ class CheckpointConfig(_Section):
     async_save: bool = False
 
 
-class RuntimeConfig(_Section):
-    """How one process computes; none of it changes the numbers except precision."""
+class ComputeConfig(_Section):
+    """How one process computes (``mae_core.distributed.parallelize``); none of it changes the
+    numbers except precision."""
 
-    per_device_batch: int = Field(default=32, gt=0, description="images per device per micro-step")
-    precision: Literal["fp32", "bf16"] = "fp32"
-    activation_checkpointing: bool = False
-    compile: bool = False
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: FSDP2 computes with bf16 copies of fp32 parameters, reduces in fp32")
+    activation_checkpointing: bool = Field(default=False, description="recompute block activations in backward")
+    compile: bool = Field(default=False, description="torch.compile each transformer block")
     threads: int | None = Field(default=None, gt=0, description="torch intra-op threads per process")
+
+
+class RuntimeConfig(ComputeConfig):
+    per_device_batch: int = Field(default=32, gt=0, description="images per device per micro-step")
 
 
 class TrainConfig(_Section):
@@ -82,9 +85,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _divides(self) -> TrainConfig:
-        if self.optim.global_batch % self.runtime.per_device_batch:
-            raise ValueError(f"optim.global_batch={self.optim.global_batch} is not a multiple of "
-                             f"runtime.per_device_batch={self.runtime.per_device_batch}; pick sizes that divide")
+        accumulation_steps(self.optim.global_batch, self.runtime.per_device_batch, world_size=1)
         return self
 
     def fingerprint(self) -> str:

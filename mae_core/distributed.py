@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-INIT_METHOD_ENV = "MAESTRO_INIT_METHOD"
+from mae_core.config import RuntimeConfig
+from mae_core.contract import INIT_METHOD_ENV
+from mae_core.model import MaskedAutoencoderViT
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,43 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: nn.Module, env: DistEnv) -> nn.Module:
-    """FSDP2: each transformer block is its own unit, then the root holds the rest."""
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
-    for blocks in (model.blocks, model.decoder_blocks):
+def parallelize(model: MaskedAutoencoderViT, env: DistEnv, runtime: RuntimeConfig) -> MaskedAutoencoderViT:
+    """Everything that changes how the model computes but not what, in the order that composes:
+    activation checkpointing inside each block, then ``torch.compile`` per block (so a compiled
+    block is also the unit FSDP2 gathers), then FSDP2 over the blocks and the root.
+
+    With ``precision: bf16`` FSDP2 keeps fp32 parameters and optimizer state and gathers bf16
+    copies for compute (gradients are reduced in fp32), so all-gathers move half the bytes.
+    """
+    model.grad_checkpointing = runtime.activation_checkpointing
+    blocks = [*model.blocks, *model.decoder_blocks]
+    if runtime.compile:
         for block in blocks:
-            fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            block.compile()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if runtime.precision == "bf16" else MixedPrecisionPolicy()
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+@dataclass(frozen=True)
+class StepVotes:
+    """What every rank must agree on after a step, carried by one all-reduce."""
+
+    loss: float  # mean over ranks
+    nonfinite: bool  # some rank's loss is NaN or inf
+    stop: bool  # some rank was asked to stop (preemption, cancel)
+    save_due: bool  # some rank's clock says a timed checkpoint is due
+
+    @classmethod
+    def all_reduce(cls, loss: torch.Tensor, stop: bool, save_due: bool, env: DistEnv) -> StepVotes:
+        loss = loss.reshape(1).float()
+        votes = torch.cat([loss, (~torch.isfinite(loss)).float(),
+                           torch.tensor([float(stop), float(save_due)], device=loss.device)])
+        dist.all_reduce(votes)
+        total, nonfinite, stop_votes, save_votes = votes.tolist()
+        return cls(loss=total / env.world_size, nonfinite=nonfinite > 0, stop=stop_votes > 0,
+                   save_due=save_votes > 0)

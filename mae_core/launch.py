@@ -22,16 +22,13 @@ import tempfile
 import time
 from types import FrameType
 
-from mae_core.distributed import INIT_METHOD_ENV
-from mae_core.signals import PREEMPT_SIGNALS, PREEMPTED_EXIT_CODE
+from mae_core.contract import PREEMPT_SIGNALS, PREEMPTED_EXIT_CODE, exit_status, rendezvous_env
 
 
 def rank_env(rank: int, nproc: int, init_file: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-        INIT_METHOD_ENV: f"file://{init_file}", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1",
-    })
+    env.update(rendezvous_env(rank, rank, nproc, nproc, "127.0.0.1", init_method=f"file://{init_file}"))
+    env["GLOO_SOCKET_IFNAME"] = "lo"
     # Share the cores between ranks instead of oversubscribing them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return env
@@ -58,18 +55,14 @@ def launch(config: str, nproc: int) -> int:
         while len(codes) < nproc:
             for r, p in enumerate(procs):
                 if r not in codes and p.poll() is not None:
-                    codes[r] = p.returncode
-                    if p.returncode not in (0, PREEMPTED_EXIT_CODE):
+                    codes[r] = exit_status(p.returncode, bool(signalled))
+                    if codes[r] not in (0, PREEMPTED_EXIT_CODE):
                         _terminate(procs)  # the others would block in a collective forever
             time.sleep(0.05)
     finally:
         _terminate(procs)
         shutil.rmtree(rdzv_dir, ignore_errors=True)
     failures = [c for c in codes.values() if c not in (0, PREEMPTED_EXIT_CODE)]
-    # A rank still starting up has no handler yet and dies of the forwarded signal; it had
-    # trained nothing since the last checkpoint, so this is a preemption, not a failure.
-    if signalled and all(c < 0 for c in failures):
-        return PREEMPTED_EXIT_CODE
     if failures:
         return failures[0]
     return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes.values() else 0

@@ -1,8 +1,6 @@
-"""AdamW with the MAE parameter groups, and the per-iteration learning-rate schedule."""
+"""AdamW with the MAE parameter groups; the schedule it follows is ``mae_core.schedule``."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -27,14 +25,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
 def build_optimizer(model: nn.Module, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
     # The fused kernel makes the optimizer ~4x cheaper on CPU, where it is a large share of a step.
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=betas, fused=True)
-
-
-def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup, then half-cycle cosine to ``min_lr``; set every iteration."""
-    if step < warmup_steps:
-        return base_lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -5,10 +5,7 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-# Exit status of a run that saved a checkpoint because it was asked to stop (EX_TEMPFAIL):
-# launchers and backends requeue on it.
-PREEMPTED_EXIT_CODE = 75
-PREEMPT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+from mae_core.contract import PREEMPT_SIGNALS
 
 
 class PreemptionFlag:

@@ -16,51 +16,25 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from pydantic import ValidationError
 
 from mae_core import storage
-from mae_core.checkpoint import Checkpointer, CheckpointError, TrainState, rng_state, set_rng_state
+from mae_core.checkpoint import Checkpointer, CheckpointError, SavePolicy, TrainState, rng_state, set_rng_state
 from mae_core.config import TrainConfig
+from mae_core.contract import CHECKPOINTS_DIR, PREEMPTED_EXIT_CODE
 from mae_core.data import build_source
-from mae_core.distributed import DistEnv, init_distributed, shard_model, shutdown
+from mae_core.distributed import DistEnv, StepVotes, init_distributed, parallelize, shutdown
 from mae_core.metrics import MetricsWriter
 from mae_core.model import MaskedAutoencoderViT, build_model
-from mae_core.optim import build_optimizer, lr_at, set_lr
-from mae_core.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
+from mae_core.optim import build_optimizer, set_lr
+from mae_core.schedule import Schedule, accumulation_steps
+from mae_core.signals import PreemptionFlag
 
 log = logging.getLogger("mae_core.train")
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
-    per_round = cfg.runtime.per_device_batch * world_size
-    if cfg.optim.global_batch % per_round:
-        raise ValueError(
-            f"optim.global_batch={cfg.optim.global_batch} is not divisible by per_device_batch "
-            f"({cfg.runtime.per_device_batch}) x world size ({world_size}); change either so it divides")
-    return cfg.optim.global_batch // per_round
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Batch arithmetic derived from the config and the world size; the global batch is fixed."""
-
-    accum_steps: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    lr: float
-
-    @classmethod
-    def derive(cls, cfg: TrainConfig, accum: int, batches_per_epoch: int) -> Schedule:
-        steps_per_epoch = batches_per_epoch // accum
-        return cls(accum_steps=accum, steps_per_epoch=steps_per_epoch,
-                   total_steps=cfg.optim.epochs * steps_per_epoch,
-                   warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch), lr=cfg.optim.lr())
 
 
 @dataclass(frozen=True)
@@ -105,22 +79,18 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
-    model = make_model(cfg).to(env.device)
-    model.grad_checkpointing = cfg.runtime.activation_checkpointing
-    if cfg.runtime.compile:
-        for block in [*model.blocks, *model.decoder_blocks]:
-            block.compile()
-    shard_model(model, env)
+    model = parallelize(make_model(cfg).to(env.device), env, cfg.runtime)
     optimizer = build_optimizer(model, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
     seed_everything(cfg.seed + env.rank)
 
-    accum = accumulation_steps(cfg, env.world_size)
+    accum = accumulation_steps(cfg.optim.global_batch, cfg.runtime.per_device_batch, env.world_size)
     source = build_source(cfg.data, cfg.runtime.per_device_batch, env.rank, env.world_size, cfg.seed,
                           batches_multiple=accum)
-    sched = Schedule.derive(cfg, accum, source.batches_per_epoch)
+    sched = Schedule.derive(cfg.optim, cfg.runtime.per_device_batch, env.world_size, source.num_samples)
     state = TrainState(model, optimizer)
-    ckpt = Checkpointer(storage.join(cfg.output, "checkpoints"), env.rank, env.world_size,
+    ckpt = Checkpointer(storage.join(cfg.output, CHECKPOINTS_DIR), env.rank, env.world_size,
                         keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
+    policy = SavePolicy(cfg.checkpoint, sched.steps_per_epoch, sched.total_steps)
 
     step = 0
     latest = ckpt.latest()
@@ -141,42 +111,34 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         log.info("world %d, accumulation %d, lr %.3g, %d steps/epoch, %d steps total", env.world_size,
                  sched.accum_steps, sched.lr, sched.steps_per_epoch, sched.total_steps)
 
-    def save(at_step: int, permanent: bool = False) -> None:
+    def save(at_step: int, permanent: bool) -> None:
         rank_state = {"data": source.state_dict(), "rng": rng_state()}
         meta = {"fingerprint": cfg.fingerprint(), "global_batch": cfg.optim.global_batch}
-        ckpt.save(state, at_step, at_step // max(1, sched.steps_per_epoch), meta, rank_state, permanent)
+        ckpt.save(state, at_step, at_step // sched.steps_per_epoch, meta, rank_state, permanent)
         metrics.flush()
 
     flag = PreemptionFlag().install()
     batches = iter(source)
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.runtime.precision == "bf16")
     params = [p for p in model.parameters() if p.requires_grad]
-    last_save = time.monotonic()
     status: Literal["completed", "stopped", "preempted"] = "completed"
     model.train()
     while step < sched.total_steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, sched.lr, cfg.optim.min_lr, sched.warmup_steps, sched.total_steps)
+        lr = sched.lr_at(step)
         set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=env.device)
         for micro in range(sched.accum_steps):
             imgs = next(batches).to(env.device, non_blocking=True)
             model.set_requires_gradient_sync(micro == sched.accum_steps - 1)
             gen = mask_generator(cfg.seed, step, micro * env.world_size + env.rank)
-            with autocast:
-                loss, _, _ = model(imgs, mask_ratio=cfg.model.mask_ratio, generator=gen)
+            loss, _, _ = model(imgs, mask_ratio=cfg.model.mask_ratio, generator=gen)
             (loss / sched.accum_steps).backward()
             loss_sum += loss.detach().float()
 
-        # One collective per step carries the loss and every rank's stop/save votes.
-        save_due = cfg.checkpoint.interval_minutes is not None and env.is_main and \
-            time.monotonic() - last_save >= cfg.checkpoint.interval_minutes * 60
-        votes = torch.stack([loss_sum / sched.accum_steps,
-                             (~torch.isfinite(loss_sum)).float(),
-                             torch.tensor(float(flag.raised), device=env.device),
-                             torch.tensor(float(save_due), device=env.device)])
-        dist.all_reduce(votes)
-        if votes[1] > 0:
+        # Rank 0's clock decides timed saves: clocks differ, and every rank must take part.
+        votes = StepVotes.all_reduce(loss_sum / sched.accum_steps, stop=flag.raised,
+                                     save_due=env.is_main and policy.time_due(), env=env)
+        if votes.nonfinite:
             raise NonFiniteLossError(
                 f"loss is not finite at step {step + 1}; stopped before the update, the last checkpoint "
                 f"is intact. Lower optim.blr or use precision=fp32, then resume")
@@ -189,25 +151,18 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
 
         dt = time.perf_counter() - t0
         if step % cfg.log_interval == 0 or step == sched.total_steps:
-            record = {"loss": votes[0].item() / env.world_size, "lr": lr, "grad_norm": grad_norm.item(),
-                      "img_s": cfg.optim.global_batch / dt, "epoch": step / max(1, sched.steps_per_epoch),
-                      **source.metrics()}
+            record = {"loss": votes.loss, "lr": lr, "grad_norm": grad_norm.item(),
+                      "img_s": cfg.optim.global_batch / dt, "epoch": sched.epoch_of(step), **source.metrics()}
             metrics.log(step, record)
             if env.is_main:
                 log.info("step %d/%d loss %.4f lr %.3g %.1f img/s", step, sched.total_steps,
                          record["loss"], lr, record["img_s"])
 
-        preempted = votes[2] > 0
         stop = cfg.stop_after_step is not None and step >= cfg.stop_after_step
-        epoch_end = sched.steps_per_epoch and step % sched.steps_per_epoch == 0
-        permanent = bool(epoch_end and cfg.checkpoint.keep_every_epochs
-                         and (step // sched.steps_per_epoch) % cfg.checkpoint.keep_every_epochs == 0)
-        interval = cfg.checkpoint.interval_steps
-        if (preempted or stop or permanent or votes[3] > 0 or step == sched.total_steps
-                or (interval and step % interval == 0)):
-            save(step, permanent)
-            last_save = time.monotonic()
-        if preempted:
+        due = policy.decide(step, requested=votes.stop or stop, time_due=votes.save_due)
+        if due is not None:
+            save(step, due.permanent)
+        if votes.stop:
             status = "preempted"
             if env.is_main:
                 log.info("preempted (signal %s): checkpoint at step %d saved", flag.signum, step)

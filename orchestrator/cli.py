@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from typing import Annotated, Any
 
 import click
@@ -15,8 +16,9 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.backends import Backend, get_backend
+from orchestrator.backends.base import reconcile
 from orchestrator.errors import UserError
-from orchestrator.profiles import SlurmProfile, load_profile
+from orchestrator.profiles import RayProfile, SlurmProfile, load_profile
 from orchestrator.registry import ACTIVE, FINISHED, Registry, RunState, default_root
 from orchestrator.spec import Derived, ExperimentSpec, load_spec, schema
 from orchestrator.sweep import expand
@@ -51,10 +53,10 @@ def backend_of(registry: Registry, state: RunState) -> Backend:
     return get_backend(registry.profile(state.experiment, state.run_id))
 
 
-def reconcile(registry: Registry, state: RunState) -> RunState:
+def refresh(registry: Registry, state: RunState) -> RunState:
     """A run whose heartbeat went quiet, checked with its backend (its process or job may be gone)."""
     if state.status in ACTIVE and time.time() - state.updated > STALE_S:
-        return backend_of(registry, state).status(registry, state)
+        return reconcile(registry, backend_of(registry, state), state)
     return state
 
 
@@ -102,6 +104,10 @@ def plan(spec_path: Annotated[str, typer.Argument(metavar="SPEC")], set_: SetOpt
         console.print(f"sbatch script ({'one array of ' + str(len(runs)) + ' tasks' if len(runs) > 1 else 'one job'}"
                       f", shown for {runs[0].run_id}):")
         console.print(Text(SlurmBackend(profile).sbatch_script(first)), soft_wrap=True)
+    if isinstance(profile, RayProfile):
+        from orchestrator.backends.ray import RayBackend
+
+        console.print(Text(RayBackend(profile).describe(first, registry_for(None, first).root)), soft_wrap=True)
 
 
 @app.command()
@@ -127,10 +133,11 @@ def _table(states: list[RunState]) -> Table:
     table = Table()
     for col in ("run", "backend", "status", "step/total", "loss", "img/s", "attempts", "last ckpt", "elapsed"):
         table.add_column(col)
-    colours = {"completed": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}
+    colours = {"completed": "green", "failed": "red", "cancelled": "yellow", "running": "cyan", "hung": "magenta"}
     for s in states:
         job = f" ({s.job_ids[-1]})" if s.job_ids else ""
-        table.add_row(s.key, f"{s.backend}{job}", f"[{colours.get(s.status, 'white')}]{s.status}[/]",
+        status = "hung" if s.hung else s.status
+        table.add_row(s.key, f"{s.backend}{job}", f"[{colours.get(status, 'white')}]{status}[/]",
                       f"{s.step}/{s.total_steps}", _fmt(s.loss), _fmt(s.img_s, ".1f"), str(s.attempts),
                       "-" if s.last_checkpoint_step is None else str(s.last_checkpoint_step), _elapsed(s))
     return table
@@ -139,7 +146,7 @@ def _table(states: list[RunState]) -> Table:
 @app.command("ls")
 def list_runs(experiment: Annotated[str | None, typer.Argument()] = None, root: RootOpt = None) -> None:
     """All runs (or one experiment's) with status and progress."""
-    console.print(_table(registry_for(root).list(experiment)))
+    console.print(_table(registry_for(root).runs(experiment)))
 
 
 @app.command()
@@ -147,7 +154,7 @@ def status(run: Annotated[str, typer.Argument(metavar="RUN")], root: RootOpt = N
     """One run: its state and its recent events."""
     registry = registry_for(root)
     for state in registry.resolve(run):
-        state = backend_of(registry, state).status(registry, state)
+        state = reconcile(registry, backend_of(registry, state), state)
         console.print(_table([state]))
         if state.message:
             console.print(f"message: {state.message}")
@@ -187,7 +194,7 @@ def watch(experiment: Annotated[str | None, typer.Argument()] = None, root: Root
     with Progress(*columns, console=console) as bars:
         tasks: dict[str, Any] = {}
         while True:
-            states = [reconcile(registry, s) for s in registry.list(experiment)]
+            states = [refresh(registry, s) for s in registry.runs(experiment)]
             for s in states:
                 if s.key not in tasks:
                     tasks[s.key] = bars.add_task(s.key, total=s.total_steps or 1, status=s.status, loss="-")
@@ -219,6 +226,7 @@ def resume(target: Annotated[str, typer.Argument(metavar="RUN|EXPERIMENT")], roo
     """Continue stopped runs from their latest complete checkpoint."""
     registry = registry_for(root)
     for state in registry.resolve(target):
+        state = reconcile(registry, backend_of(registry, state), state)  # e.g. a queue whose supervisor died
         if state.status == "completed" or state.status in ACTIVE - {"preempted"}:
             console.print(f"{state.key} is {state.status}; nothing to resume")
             continue
@@ -247,7 +255,14 @@ def _error(message: str) -> None:
     console.print(Text("error: ", style="red") + Text(" ".join(message.split())), soft_wrap=True)
 
 
+def _warn(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+          line: str | None = None) -> None:
+    """Warnings (e.g. a deprecated spec key) as one line on stderr, without source locations."""
+    Console(stderr=True).print(Text("warning: ", style="yellow") + Text(str(message)), soft_wrap=True)
+
+
 def main() -> None:
+    warnings.showwarning = _warn
     try:
         app(standalone_mode=False)
     except UserError as e:
@@ -266,3 +281,7 @@ def main() -> None:
         _error(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
         sys.exit(1)
 
+
+
+if __name__ == "__main__":
+    main()

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from orchestrator.errors import UserError
+from orchestrator.secrets import secret_in
 
 # Values that end up on an sbatch line: a conservative character set, no shell metacharacters.
 SLURM_TOKEN = re.compile(r"^[A-Za-z0-9_.,:@%+=/-]{1,128}$")
+RAY_ADDRESS = re.compile(r"https?://[A-Za-z0-9.-]{1,253}(?::[0-9]{1,5})?/?")
+COMMAND_PATH = re.compile(r"[A-Za-z0-9_.+/-]{1,256}")
+RESOURCE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_:.-]{0,63}")
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+# runtime_env fields maestro passes on as they are; others (conda, container, ...) are the cluster's business.
+RUNTIME_ENV_KEYS = frozenset({"env_vars", "working_dir", "py_modules", "pip", "uv", "excludes", "config"})
 
 
 class _Profile(BaseModel):
@@ -72,10 +79,69 @@ class SlurmProfile(_Profile):
 
 class RayProfile(_Profile):
     backend: Literal["ray"] = "ray"
-    address: str = Field(default="auto", description="Ray cluster address, e.g. ray://head:10001 or auto")
-    runtime_env: dict[str, object] = Field(default_factory=dict)
-    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
-    max_concurrent_runs: int = Field(default=4, gt=0)
+    address: str = Field(description="the cluster's dashboard HTTP address (the Jobs API), e.g. http://head:8265")
+    max_concurrent_runs: int = Field(default=4, gt=0, description="runs of the experiment training at once")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0}, description="Ray resources of each training worker; GPU > 0 trains "
+        "on GPUs (nccl), else on CPUs (gloo)")
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray runtime_env of every job; no credentials: the nodes' own are used")
+    python: str = Field(default="python3", description="interpreter on the cluster's nodes that has maestro installed")
+    hang_timeout_s: float = Field(
+        default=1800.0, gt=0, description="a run with no new training step for this long is hung: it is stopped "
+        "and restarted as a failure; keep it well above start-up plus one checkpoint")
+    cancel_grace_s: float = Field(
+        default=300.0, gt=0, description="after `maestro cancel`, how long a run may take to checkpoint before "
+        "its job is stopped without one")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if not RAY_ADDRESS.fullmatch(v):
+            raise ValueError(f"{v!r} is not a dashboard HTTP address; write e.g. http://head-node:8265 "
+                             "(the Jobs API needs it; 'auto' only works on a cluster node)")
+        return v.rstrip("/")
+
+    @field_validator("python")
+    @classmethod
+    def _python(cls, v: str) -> str:
+        if not COMMAND_PATH.fullmatch(v):
+            raise ValueError(f"{v!r} is not an interpreter path; use letters, digits and _.+/-")
+        return v
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if not RESOURCE_NAME.fullmatch(name) or amount < 0:
+                raise ValueError(f"{name}: {amount} is not a Ray resource amount; use a name such as CPU or GPU "
+                                 "and a non-negative number")
+        return v
+
+    @field_validator("runtime_env")
+    @classmethod
+    def _runtime_env(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - RUNTIME_ENV_KEYS)
+        if unknown:
+            raise ValueError(f"runtime_env key {unknown[0]!r} is not supported; use "
+                             f"{', '.join(sorted(RUNTIME_ENV_KEYS))}")
+        env_vars = v.get("env_vars", {})
+        if not isinstance(env_vars, dict):
+            raise ValueError("runtime_env.env_vars must be a mapping of NAME: value")
+        for name, value in env_vars.items():
+            if not isinstance(name, str) or not ENV_NAME.fullmatch(name) or not isinstance(value, str):
+                raise ValueError(f"runtime_env.env_vars: {name!r} must be an upper-case NAME with a string value")
+            if secret_in(name, value):
+                raise ValueError(f"runtime_env.env_vars.{name} carries a credential; Ray shows runtime_env in plain "
+                                 "text to anyone who can list jobs: give the nodes their own credentials instead")
+        for key, value in v.items():
+            if key != "env_vars" and secret_in(key, str(value)):
+                raise ValueError(f"runtime_env.{key} carries a credential; remove it and give the nodes their own")
+        return v
+
+    @property
+    def gpus_per_worker(self) -> float:
+        return self.resources_per_worker.get("GPU", 0.0)
 
 
 Profile = LocalProfile | SlurmProfile | RayProfile

@@ -68,6 +68,13 @@ class RunState(BaseModel):
     ended: float | None = None
     host: str | None = None
     pid: int | None = None
+    heartbeat: float | None = Field(default=None, description="when the training step last advanced")
+    hang_timeout_s: float | None = Field(default=None, description="no new step for this long: hung")
+
+    @property
+    def hung(self) -> bool:
+        return (self.status == "running" and self.heartbeat is not None and self.hang_timeout_s is not None
+                and time.time() - self.heartbeat > self.hang_timeout_s)
 
     @property
     def key(self) -> str:
@@ -140,7 +147,7 @@ class Registry:
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in storage.listdir(self.root)
                       if e["type"] == "directory")
 
-    def list(self, experiment: str | None = None) -> list[RunState]:
+    def runs(self, experiment: str | None = None) -> list[RunState]:
         """Every run's state (or one experiment's), oldest first."""
         states: list[RunState] = []
         for exp in [experiment] if experiment else self.experiments():
@@ -181,8 +188,8 @@ class Registry:
             experiment, run_id = target.split("/", 1)
             return [self.state(experiment, run_id)]
         if target in self.experiments():
-            return self.list(target)
-        matches = [s for s in self.list() if s.run_id == target or s.run_id.startswith(target)]
+            return self.runs(target)
+        matches = [s for s in self.runs() if s.run_id == target or s.run_id.startswith(target)]
         if len(matches) == 1:
             return matches
         if not matches:
@@ -211,5 +218,32 @@ class Registry:
     def clear_cancel(self, state: RunState) -> None:
         storage.remove(self._url(state.experiment, state.run_id, "cancel"))
 
-    def log_url(self, state: RunState, attempt: int) -> str:
-        return self._url(state.experiment, state.run_id, f"logs/attempt-{attempt}.log")
+    def record_worker(self, state: RunState, rank: int, info: dict[str, Any]) -> None:
+        """Where a rank of the current attempt runs (pids, host): one file per rank, each written
+        by its own rank only."""
+        storage.write_json(self._url(state.experiment, state.run_id, f"workers/rank-{rank}.json"), info)
+
+    def workers(self, state: RunState) -> dict[int, dict[str, Any]]:
+        fs, _ = storage.filesystem(self.root)
+        entries = storage.listdir(self._url(state.experiment, state.run_id, "workers"))
+        blobs = fs.cat([e["name"] for e in entries if e["type"] == "file"], on_error="omit")
+        return {int(p.rsplit("rank-", 1)[1].removesuffix(".json")): json.loads(b) for p, b in blobs.items()}
+
+    def log_url(self, state: RunState, attempt: int, rank: int = 0) -> str:
+        name = f"attempt-{attempt}.log" if rank == 0 else f"attempt-{attempt}.rank-{rank}.log"
+        return self._url(state.experiment, state.run_id, f"logs/{name}")
+
+    def read_logs(self, state: RunState, attempt: int) -> str:
+        """The trainer logs an attempt left in the registry: the first rank's, then any other
+        rank's under a header. What every backend's ``logs`` starts from."""
+        first = self.log_url(state, attempt)
+        prefix = first.removesuffix(".log") + ".rank-"
+        others = sorted((e["name"] for e in storage.listdir(first.rsplit("/", 1)[0])
+                         if e["name"].rsplit("/", 1)[-1].startswith(prefix.rsplit("/", 1)[-1])),
+                        key=lambda name: int(name.rsplit(".rank-", 1)[1].removesuffix(".log")))
+        fs, _ = storage.filesystem(first)
+        text = storage.read_bytes(first).decode(errors="replace") if storage.exists(first) else ""
+        for path in others:
+            rank = path.rsplit(".rank-", 1)[1].removesuffix(".log")
+            text += f"\n--- rank {rank} ---\n" + fs.cat_file(path).decode(errors="replace")
+        return text

@@ -21,21 +21,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from mae_core import storage
-from mae_core.checkpoint import Checkpointer
-from mae_core.signals import PREEMPT_SIGNALS, PREEMPTED_EXIT_CODE
+from mae_core.contract import CHECKPOINTS_DIR, PREEMPT_SIGNALS, PREEMPTED_EXIT_CODE, exit_status, latest_checkpoint
 from orchestrator.registry import Registry, RunState
 
 POLL_S = 2.0
 UPLOAD_S = 10.0
 StopReason = Literal["preempted", "timeout"]
+RESUME_HINT = "`maestro resume` continues from the last checkpoint"
 
 
 def latest_checkpoint_step(registry: Registry, state: RunState) -> int | None:
-    url = storage.join(registry.run_url(state.experiment, state.run_id), "checkpoints")
-    info = Checkpointer(url, rank=0, world_size=1).latest()
+    info = latest_checkpoint(storage.join(registry.run_url(state.experiment, state.run_id), CHECKPOINTS_DIR))
     return info.step if info else None
 
 
@@ -69,12 +68,8 @@ def train_config_file(registry: Registry, experiment: str, run_id: str) -> Itera
 
 def run_trainer(argv: list[str], log: IO[bytes] | None = None, env: dict[str, str] | None = None,
                 poll: Callable[[subprocess.Popen[bytes]], None] | None = None) -> tuple[int, list[int]]:
-    """Run the trainer, forwarding preemption signals to it; returns its exit status and the
-    signals it was sent.
-
-    A trainer signalled before it installed its handler dies of the signal. It had trained
-    nothing since its last checkpoint, so that counts as the preempted exit, not a failure.
-    """
+    """Run the trainer, forwarding preemption signals to it; returns its exit status (as
+    ``contract.exit_status`` reads it) and the signals it was sent."""
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
     signalled: list[int] = []
 
@@ -95,32 +90,90 @@ def run_trainer(argv: list[str], log: IO[bytes] | None = None, env: dict[str, st
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    code = proc.returncode
-    return (PREEMPTED_EXIT_CODE if signalled and code < 0 else code), signalled
+    return exit_status(proc.returncode, bool(signalled)), signalled
+
+
+def begin_attempt(registry: Registry, experiment: str, run_id: str, **fields: Any) -> RunState | None:
+    """Mark a new attempt of the run running; None, with the run cancelled, if a cancel came first."""
+    state = registry.state(experiment, run_id)
+    if registry.cancel_requested(state):
+        registry.update(experiment, run_id, status="cancelled", ended=time.time(), message="cancelled before start")
+        return None
+    state = registry.update(experiment, run_id, status="running", attempts=state.attempts + 1,
+                            started=state.started or time.time(), ended=None, message=None,
+                            host=socket.gethostname(), pid=os.getpid(), **fields)
+    registry.event(state, "started", attempt=state.attempts, host=state.host,
+                   resumed_from_step=latest_checkpoint_step(registry, state),
+                   job_id=state.job_ids[-1] if state.job_ids else None,
+                   restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+    return state
+
+
+def finish_attempt(registry: Registry, state: RunState, code: int, last_error: str, can_requeue: bool,
+                   stop_reason: Callable[[], StopReason] = lambda: "preempted",
+                   stopped_by: str | None = None) -> RunState:
+    """Record how an attempt ended and count it against the spec's requeue budgets.
+
+    ``code`` is the trainer's exit status: 0 done, PREEMPTED_EXIT_CODE checkpointed on request,
+    anything else a failure. A cancel request wins over the status; ``stopped_by`` names an
+    outside stop (a signal nobody asked maestro for), which ends the run cancelled. With
+    ``can_requeue`` the backend starts the run again after a preemption, timeout or failure within
+    the budgets, so the state ends ``requeued``; past a budget it ends ``failed``, naming it.
+    """
+    experiment, run_id = state.experiment, state.run_id
+    state = registry.state(experiment, run_id)
+    fields = {**progress(registry, state), "last_checkpoint_step": latest_checkpoint_step(registry, state),
+              "pid": None}
+    budgets = registry.spec(experiment, run_id).requeue
+    if code == 0:
+        state = registry.update(experiment, run_id, status="completed", ended=time.time(), **fields)
+    elif registry.cancel_requested(state):
+        state = registry.update(experiment, run_id, status="cancelled", ended=time.time(),
+                                message=f"cancelled; {RESUME_HINT}", **fields)
+    elif code == PREEMPTED_EXIT_CODE and stopped_by:
+        state = registry.update(experiment, run_id, status="cancelled", ended=time.time(),
+                                message=f"stopped by {stopped_by}; {RESUME_HINT}", **fields)
+    elif code == PREEMPTED_EXIT_CODE:
+        reason = stop_reason()
+        if reason == "timeout":
+            count, budget, budget_name = state.timeouts + 1, budgets.max_timeouts, "max_timeouts"
+            fields["timeouts"] = count
+        else:
+            count, budget, budget_name = state.preemptions + 1, budgets.max_preemptions, "max_preemptions"
+            fields["preemptions"] = count
+        if budget is not None and count > budget:
+            state = registry.update(experiment, run_id, status="failed", ended=time.time(), **fields,
+                                    message=f"{reason} {count} times, over the budget requeue.{budget_name}="
+                                    f"{budget}; {RESUME_HINT}, or raise the budget")
+        else:
+            state = registry.update(experiment, run_id, status="requeued" if can_requeue else "preempted",
+                                    message=reason, **fields)
+    else:
+        failures = state.failures + 1
+        requeue = can_requeue and failures <= budgets.max_failures
+        message = last_error if requeue or not can_requeue else \
+            f"{last_error} (failed {failures} times, over the budget requeue.max_failures={budgets.max_failures})"
+        state = registry.update(experiment, run_id, status="requeued" if requeue else "failed",
+                                failures=failures, ended=None if requeue else time.time(),
+                                message=message, **fields)
+    registry.event(state, state.status, exit_code=code, step=state.step, reason=state.message,
+                   last_checkpoint_step=state.last_checkpoint_step)
+    return state
 
 
 def run_attempt(root: str, experiment: str, run_id: str, command: Callable[[Path], list[str]],
                 env: dict[str, str] | None = None, can_requeue: bool = False,
                 stop_reason: Callable[[], StopReason] = lambda: "preempted") -> RunState:
-    """Run the trainer once for this run and record the outcome.
+    """Run the trainer once for this run (as its first rank) and record the outcome.
 
-    ``command`` maps the trainer config to the argv to run. With ``can_requeue`` the backend will
-    start the run again after a preemption, a timeout or a failure within the spec's budgets: the
-    state then ends ``requeued``; past a budget it ends ``failed`` with a message naming it.
+    ``command`` maps the trainer config to the argv to run. The runner keeps the registry's
+    progress fresh, turns a cancel request into checkpoint-and-stop, and uploads the log.
     """
     registry = Registry(root)
-    state = registry.state(experiment, run_id)
-    if registry.cancel_requested(state):
-        return registry.update(experiment, run_id, status="cancelled", ended=time.time(),
-                               message="cancelled before start")
-    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    state = registry.update(experiment, run_id, status="running", attempts=state.attempts + 1,
-                            started=state.started or time.time(), ended=None, message=None,
-                            host=socket.gethostname(), pid=os.getpid())
-    resumed_from = latest_checkpoint_step(registry, state)
-    registry.event(state, "started", attempt=state.attempts, host=state.host, resumed_from_step=resumed_from,
-                   job_id=state.job_ids[-1] if state.job_ids else None, restart_count=restart)
-
+    begun = begin_attempt(registry, experiment, run_id)
+    if begun is None:
+        return registry.state(experiment, run_id)
+    state = begun
     cancelling = False
     last_upload = time.monotonic()
     with train_config_file(registry, experiment, run_id) as config:
@@ -140,45 +193,11 @@ def run_attempt(root: str, experiment: str, run_id: str, command: Callable[[Path
             code, signals = run_trainer(command(config), log=log, env=env, poll=poll)
         storage.write_bytes(registry.log_url(state, state.attempts), log_path.read_bytes())
         last_error = error_line(log_path)
-    state = registry.state(experiment, run_id)
-    fields = {**progress(registry, state), "last_checkpoint_step": latest_checkpoint_step(registry, state),
-              "pid": None}
-    budgets = registry.spec(experiment, run_id).requeue
-    resume_hint = "`maestro resume` continues from the last checkpoint"
-    if code == 0:
-        state = registry.update(experiment, run_id, status="completed", ended=time.time(), **fields)
-    elif cancelling or registry.cancel_requested(state):
-        state = registry.update(experiment, run_id, status="cancelled", ended=time.time(),
-                                message=f"cancelled; {resume_hint}", **fields)
-    elif code == PREEMPTED_EXIT_CODE and can_requeue and signal.SIGUSR2 not in signals:
-        # Preemption and the time limit send USR2 first; a bare TERM is someone's scancel.
-        state = registry.update(experiment, run_id, status="cancelled", ended=time.time(),
-                                message=f"stopped by {', '.join(signal.Signals(s).name for s in signals)} "
-                                f"(an external scancel?); {resume_hint}", **fields)
-    elif code == PREEMPTED_EXIT_CODE:
-        reason = stop_reason()
-        if reason == "timeout":
-            count, budget, budget_name = state.timeouts + 1, budgets.max_timeouts, "max_timeouts"
-            fields["timeouts"] = count
-        else:
-            count, budget, budget_name = state.preemptions + 1, budgets.max_preemptions, "max_preemptions"
-            fields["preemptions"] = count
-        if budget is not None and count > budget:
-            state = registry.update(experiment, run_id, status="failed", ended=time.time(), **fields,
-                                    message=f"{reason} {count} times, over the budget requeue.{budget_name}="
-                                    f"{budget}; {resume_hint}, or raise the budget")
-        else:
-            state = registry.update(experiment, run_id, status="requeued" if can_requeue else "preempted",
-                                    message=reason, **fields)
-    else:
-        failures = state.failures + 1
-        requeue = can_requeue and failures <= budgets.max_failures
-        state = registry.update(experiment, run_id, status="requeued" if requeue else "failed",
-                                failures=failures, ended=None if requeue else time.time(),
-                                message=last_error, **fields)
-    registry.event(state, state.status, exit_code=code, step=state.step, reason=state.message,
-                   last_checkpoint_step=state.last_checkpoint_step)
-    return state
+    # Preemption and the time limit send USR2 first; a bare TERM nobody asked for is someone's scancel.
+    outside = can_requeue and not cancelling and signal.SIGUSR2 not in signals
+    stopped_by = f"{', '.join(signal.Signals(s).name for s in signals) or 'a signal'} (an external scancel?)" \
+        if outside else None
+    return finish_attempt(registry, state, code, last_error, can_requeue, stop_reason, stopped_by)
 
 
 def local_command(nproc: int) -> Callable[[Path], list[str]]:

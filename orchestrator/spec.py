@@ -10,16 +10,16 @@ import copy
 import difflib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mae_core import storage
-from mae_core.config import CheckpointConfig, ModelConfig, OptimConfig, RuntimeConfig, TrainConfig
-from mae_core.data import DataConfig
-from mae_core.data.config import SYNTHETIC_SAMPLES
+from mae_core.config import CheckpointConfig, ComputeConfig, ModelConfig, OptimConfig, RuntimeConfig, TrainConfig
+from mae_core.data import DataConfig, dataset_size
+from mae_core.schedule import Schedule, ScheduleError, accumulation_steps
 from orchestrator.errors import UserError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -29,9 +29,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ResourcesSpec(RuntimeConfig):
+class ResourcesSpec(_Section):
     nodes: int = Field(default=1, gt=0)
     gpus_per_node: int = Field(default=1, gt=0, description="processes per node: GPUs, or CPU shares on CPU")
+    per_device_batch: int = Field(default=32, gt=0, description="images per device per micro-step")
     img_s_per_device: float | None = Field(
         default=None, gt=0, description="expected training throughput per device, for the GPU-hour estimate"
     )
@@ -39,9 +40,6 @@ class ResourcesSpec(RuntimeConfig):
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
-
-    def runtime(self) -> RuntimeConfig:
-        return RuntimeConfig(**self.model_dump(include=set(RuntimeConfig.model_fields)))
 
 
 class StorageSpec(_Section):
@@ -79,6 +77,7 @@ class ExperimentSpec(_Section):
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     resources: ResourcesSpec = ResourcesSpec()
+    runtime: ComputeConfig = Field(default_factory=ComputeConfig, description="how each process computes")
     storage: StorageSpec = StorageSpec()
     checkpoint: CheckpointConfig = CheckpointConfig()
     requeue: RequeueSpec = RequeueSpec()
@@ -92,25 +91,50 @@ class ExperimentSpec(_Section):
             raise ValueError(f"{v!r} is not a valid name; use up to 64 letters, digits, '_', '-', '.'")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        """Keys that moved from ``resources`` to ``runtime``: still read, with a deprecation note."""
+        resources = raw.get("resources") if isinstance(raw, dict) else None
+        if not isinstance(resources, dict) or not set(resources) & set(ComputeConfig.model_fields):
+            return raw
+        raw, resources = dict(raw), dict(resources)
+        runtime = raw.get("runtime")
+        runtime = dict(runtime) if isinstance(runtime, dict) else {}
+        for key in sorted(set(resources) & set(ComputeConfig.model_fields)):
+            warnings.warn(f"resources.{key} is deprecated; write it as runtime.{key}", MaestroDeprecation,
+                          stacklevel=2)
+            runtime.setdefault(key, resources.pop(key))
+        raw["resources"], raw["runtime"] = resources, runtime
+        return raw
+
     @model_validator(mode="after")
     def _batch_divides(self) -> ExperimentSpec:
-        per_round = self.resources.per_device_batch * self.resources.world_size
-        if self.optim.global_batch % per_round:
+        r = self.resources
+        try:
+            accumulation_steps(self.optim.global_batch, r.per_device_batch, r.world_size)
+        except ScheduleError:
             raise ValueError(
                 f"optim.global_batch={self.optim.global_batch} is not divisible by resources.per_device_batch "
-                f"({self.resources.per_device_batch}) x {self.resources.world_size} devices (resources.nodes="
-                f"{self.resources.nodes} x resources.gpus_per_node={self.resources.gpus_per_node}); "
-                f"change the batch sizes or the device count so it divides")
+                f"({r.per_device_batch}) x {r.world_size} devices (resources.nodes={r.nodes} x "
+                f"resources.gpus_per_node={r.gpus_per_node}); change the batch sizes or the device count so it "
+                "divides") from None
         return self
 
     def train_config(self, output: str) -> TrainConfig:
         """The trainer's config for this (already swept) spec, writing under ``output``."""
+        runtime = RuntimeConfig(**self.runtime.model_dump(), per_device_batch=self.resources.per_device_batch)
         return TrainConfig(output=output, seed=self.seed, model=self.model, data=self.data, optim=self.optim,
-                           checkpoint=self.checkpoint, runtime=self.resources.runtime())
+                           checkpoint=self.checkpoint, runtime=runtime)
+
+
+class MaestroDeprecation(FutureWarning):
+    """A spec key that still works but has a new name; the CLI prints it as one line."""
 
 
 class Derived(BaseModel):
-    """Values computed from a spec, shown by ``plan`` so nothing about a run is implicit."""
+    """Values computed from a spec, shown by ``plan`` so nothing about a run is implicit: the
+    trainer's own ``Schedule`` at the spec's world size, plus the GPU-hour estimate."""
 
     world_size: int
     accum_steps: int
@@ -124,33 +148,21 @@ class Derived(BaseModel):
     @classmethod
     def of(cls, spec: ExperimentSpec) -> Derived:
         r, o = spec.resources, spec.optim
-        num_samples = dataset_size(spec.data)
-        steps_per_epoch = num_samples // o.global_batch
-        if steps_per_epoch == 0:
-            raise UserError(f"data has {num_samples} samples, fewer than optim.global_batch={o.global_batch}; "
-                            "lower the batch or add data")
+        try:
+            num_samples = dataset_size(spec.data)
+        except (OSError, ValueError) as e:
+            raise UserError(f"data: {e}") from None
+        if num_samples is None:
+            raise UserError(f"data.num_samples is not set and {spec.data.url} has no manifest.json to count; "
+                            "set data.num_samples or build the dataset with `python -m mae_core.data shard`")
+        try:
+            sched = Schedule.derive(o, r.per_device_batch, r.world_size, num_samples)
+        except ScheduleError as e:
+            raise UserError(str(e)) from None
         gpu_hours = (o.epochs * num_samples / r.img_s_per_device / 3600) if r.img_s_per_device else None
-        return cls(world_size=r.world_size, accum_steps=o.global_batch // (r.per_device_batch * r.world_size),
-                   lr=o.lr(), num_samples=num_samples, steps_per_epoch=steps_per_epoch,
-                   warmup_steps=round(o.warmup_epochs * steps_per_epoch),
-                   total_steps=o.epochs * steps_per_epoch, gpu_hours=gpu_hours)
-
-
-def dataset_size(data: DataConfig) -> int:
-    """Samples per epoch: ``data.num_samples`` when given (or for synthetic data), else the count
-    in the dataset's ``manifest.json``."""
-    if data.num_samples is not None:
-        return data.num_samples
-    if data.url is None:
-        return SYNTHETIC_SAMPLES
-    if not isinstance(data.url, str):
-        raise UserError("data.num_samples is required when data.url is a list of shards; set it")
-    manifest = storage.join(data.url, "manifest.json")
-    try:
-        return int(sum(s["samples"] for s in storage.read_json(manifest)["shards"]))
-    except Exception as e:  # noqa: BLE001 - any storage or format error means the same to the user
-        raise UserError(f"data.num_samples is not set and {manifest} cannot be read ({type(e).__name__}); "
-                        "set data.num_samples or build the dataset's manifest") from None
+        return cls(world_size=sched.world_size, accum_steps=sched.accum_steps, lr=sched.lr, num_samples=num_samples,
+                   steps_per_epoch=sched.steps_per_epoch, warmup_steps=sched.warmup_steps,
+                   total_steps=sched.total_steps, gpu_hours=gpu_hours)
 
 
 # Loading ----------------------------------------------------------------------------------------

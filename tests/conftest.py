@@ -4,16 +4,16 @@ the no-skip rule for CI."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from slurm_cluster import SlurmCluster, start_cluster
-from slurm_cluster import available as slurm_available
+
+from orchestrator.testing.ray_cluster import RAY_TEST_ENV, RayCluster, start_ray_cluster
+from orchestrator.testing.ray_cluster import available as ray_available
+from orchestrator.testing.s3_server import start_s3_server
+from orchestrator.testing.slurm_cluster import SlurmCluster, start_cluster
+from orchestrator.testing.slurm_cluster import available as slurm_available
 
 REQUIRE_ALL = os.environ.get("MAESTRO_REQUIRE_ALL") == "1"
 
@@ -34,12 +34,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on loopback; the code under test reaches it through s3fs, unchanged."""
@@ -48,32 +42,15 @@ def s3_endpoint() -> Iterator[str]:
         import s3fs  # noqa: F401
     except ImportError:
         require("moto[server] and s3fs", False)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("moto server did not start")
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield endpoint
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        server = start_s3_server()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in server.env.items():
+            mp.setenv(key, value)
+        yield server.endpoint
+    server.stop()
 
 
 @pytest.fixture
@@ -111,3 +88,20 @@ def one_node() -> Iterator[SlurmCluster]:
 @pytest.fixture(scope="class")
 def two_nodes() -> Iterator[SlurmCluster]:
     yield from _running_cluster(2)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint: str) -> Iterator[RayCluster]:
+    """A real Ray cluster on loopback, its own process group, stopped by signalling that process
+    (never `ray stop`). Its nodes have their own credentials for the moto S3 endpoint."""
+    require("ray (pip install -e .[ray])", ray_available())
+    from orchestrator.testing.s3_server import TEST_CREDENTIALS
+
+    cluster = start_ray_cluster(num_cpus=8, extra_env={"AWS_ENDPOINT_URL": s3_endpoint, **TEST_CREDENTIALS})
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in RAY_TEST_ENV.items():
+                mp.setenv(key, value)
+            yield cluster
+    finally:
+        cluster.stop()

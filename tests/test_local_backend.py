@@ -30,7 +30,7 @@ def write_spec(tmp_path: Path, name: str, **over: Any) -> Path:
         "name": name, "seed": 1, "model": {"arch": "mae_vit_micro_patch4"},
         "data": {"num_samples": 256, "input_size": 32},
         "optim": {"epochs": 3, "global_batch": 32, "warmup_epochs": 1, "blr": 1e-3},
-        "resources": {"gpus_per_node": 2, "per_device_batch": 16, "threads": 1},
+        "resources": {"gpus_per_node": 2, "per_device_batch": 16}, "runtime": {"threads": 1},
         "checkpoint": {"interval_steps": 4},
         "cluster": str(REPO / "cluster_configs/local.yaml"), **over}
     path = tmp_path / f"{name}.yaml"
@@ -39,7 +39,7 @@ def write_spec(tmp_path: Path, name: str, **over: Any) -> Path:
 
 
 def only_run(registry: Registry, experiment: str) -> RunState:
-    [state] = registry.list(experiment)
+    [state] = registry.runs(experiment)
     return state
 
 
@@ -100,13 +100,13 @@ def test_submitting_twice_does_not_duplicate_and_cancel_stops_every_run(tmp_path
     again = maestro("submit", str(spec), "--root", root)
     assert again.returncode == 0 and "submitted 0 run(s)" in again.stdout and "already exists" in again.stdout
     registry = Registry(root)
-    states = registry.list("grid")
+    states = registry.runs("grid")
     assert len(states) == 6 and all(len(s.job_ids) == 1 for s in states)
     # Cancelled at once: the running run is still starting up, the others wait for the slot.
     assert maestro("cancel", "grid", "--root", root).returncode == 0
-    wait_for(lambda: all(s.status in ("cancelled", "completed", "failed") for s in registry.list("grid")),
+    wait_for(lambda: all(s.status in ("cancelled", "completed", "failed") for s in registry.runs("grid")),
              what="cancel all")
-    assert {s.status for s in registry.list("grid")} <= {"cancelled", "completed"}
+    assert {s.status for s in registry.runs("grid")} <= {"cancelled", "completed"}
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -146,11 +146,11 @@ def test_listing_follows_every_state_change(tmp_path: Path, request: pytest.Fixt
     writer, reader = Registry(root), Registry(root)
     for i in range(5):
         writer.write_state(RunState(experiment="grid", run_id=f"r{i}", step=i))
-    assert [s.step for s in reader.list("grid")] == [0, 1, 2, 3, 4]
+    assert [s.step for s in reader.runs("grid")] == [0, 1, 2, 3, 4]
     for i in (1, 3):
         writer.update("grid", f"r{i}", status="running", step=100 + i)
     writer.write_state(RunState(experiment="grid", run_id="r5", step=5))
-    listed = {s.run_id: s for s in reader.list()}
+    listed = {s.run_id: s for s in reader.runs()}
     assert [listed[f"r{i}"].step for i in range(6)] == [0, 101, 2, 103, 4, 5]
     assert listed["r1"].status == listed["r3"].status == "running" and listed["r0"].status == "pending"
-    assert Registry(root).list("grid") == reader.list("grid")
+    assert Registry(root).runs("grid") == reader.runs("grid")

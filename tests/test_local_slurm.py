@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 from conftest import require
-from slurm_cluster import SlurmCluster
+
+from orchestrator.testing.slurm_cluster import SlurmCluster
 
 TESTS_DIR = Path(__file__).resolve().parent
 # sacct lags the real state by 1-4 s.

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mae_core.model import build_model
-from mae_core.optim import lr_at, param_groups
+from mae_core.optim import param_groups
+from mae_core.schedule import lr_at
 
 
 def tiny(**kw: object) -> torch.nn.Module:

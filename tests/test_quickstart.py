@@ -28,7 +28,7 @@ def test_quickstart_from_the_readme_completes(tmp_path: Path) -> None:
     env = {**os.environ, "MAESTRO_ROOT": str(tmp_path / "runs"), "MAESTRO_STATE_DIR": str(tmp_path / "state")}
     proc = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    [state] = Registry(str(tmp_path / "runs")).list("quickstart")
+    [state] = Registry(str(tmp_path / "runs")).runs("quickstart")
     assert state.status == "completed" and state.step == state.total_steps > 0
     assert state.last_checkpoint_step == state.total_steps
     run_url = str(tmp_path / "runs" / "quickstart" / state.run_id)

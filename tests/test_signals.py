@@ -16,7 +16,7 @@ from trainer_runs import final_weights, launch, losses, write_config
 
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer
-from mae_core.signals import PREEMPTED_EXIT_CODE
+from mae_core.contract import PREEMPTED_EXIT_CODE
 
 STEP_LINE = re.compile(r"step (\d+)/")
 

@@ -12,20 +12,21 @@ import pytest
 import torch
 import yaml
 from maestro_cli import maestro, wait_for, weights
-from slurm_cluster import SlurmCluster
-from trainer_runs import final_weights, launch, losses, merge
+from trainer_runs import final_weights, launch, losses
 
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer
 from orchestrator.registry import Registry, RunState
 from orchestrator.spec import load_spec
+from orchestrator.testing.slurm_cluster import SlurmCluster
+from orchestrator.testing.specs import merge
 
 # 8 steps per epoch: 240 steps, long enough to preempt three times.
 SPEC: dict[str, Any] = {
     "name": "slurm", "seed": 5, "model": {"arch": "mae_vit_micro_patch4"},
     "data": {"num_samples": 256, "input_size": 32},
     "optim": {"epochs": 30, "global_batch": 32, "warmup_epochs": 1, "blr": 1e-3},
-    "resources": {"nodes": 1, "gpus_per_node": 2, "per_device_batch": 16, "threads": 1},
+    "resources": {"nodes": 1, "gpus_per_node": 2, "per_device_batch": 16}, "runtime": {"threads": 1},
     "checkpoint": {"interval_steps": 20, "keep_last": 2},
 }
 PROFILE: dict[str, Any] = {
@@ -52,14 +53,14 @@ def submit(spec: Path, root: str) -> Registry:
 
 
 def only(registry: Registry) -> RunState:
-    [state] = registry.list()
+    [state] = registry.runs()
     return state
 
 
 def finished(registry: Registry, timeout: float = 240) -> list[RunState]:
-    wait_for(lambda: all(s.status in ("completed", "failed", "cancelled") for s in registry.list()),
+    wait_for(lambda: all(s.status in ("completed", "failed", "cancelled") for s in registry.runs()),
              timeout=timeout, what="runs to finish")
-    return registry.list()
+    return registry.runs()
 
 
 def checkpoint_step(registry: Registry, state: RunState) -> int:
@@ -223,7 +224,7 @@ class TestOneNode:
         assert proc.returncode == 2
         [line] = proc.stdout.strip().splitlines()
         assert line.startswith("error:") and "partition" in line and "Traceback" not in proc.stderr
-        assert not Registry(root).list()
+        assert not Registry(root).runs()
         assert not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip()
         assert not marker.exists()
 

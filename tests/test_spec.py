@@ -109,3 +109,23 @@ def test_cli_starts_without_importing_torch() -> None:
     # `maestro ls` over a large registry must answer in well under 2 s; torch alone takes ~2 s to import.
     code = "import sys, orchestrator.cli, orchestrator.registry; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# What runs before the trainer starts: the CLI, the runner, every backend (a SLURM task unpickles
+# its callable from orchestrator.backends.slurm) and the local launcher.
+BEFORE_THE_TRAINER = ["orchestrator.cli", "orchestrator.runner", "orchestrator.backends.local",
+                      "orchestrator.backends.slurm", "orchestrator.backends.ray", "mae_core.launch"]
+
+
+@pytest.mark.parametrize("module", BEFORE_THE_TRAINER)
+def test_orchestration_imports_no_torch(module: str) -> None:
+    code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, f"{module} imports torch"
+
+
+def test_ls_imports_no_torch(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "orchestrator.cli", "ls", "--root",
+                           str(tmp_path)], capture_output=True, text=True)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert proc.returncode == 0 and "orchestrator.cli" in imported, proc.stderr[-2000:]
+    assert not [m for m in imported if m == "torch" or m.startswith("torch.")]

@@ -16,6 +16,7 @@ from mae_core import storage
 from mae_core.checkpoint import Checkpointer, load_weights
 from mae_core.config import TrainConfig
 from mae_core.train import make_model
+from orchestrator.testing.specs import merge
 
 TINY: dict[str, Any] = {
     "seed": 3,
@@ -25,13 +26,6 @@ TINY: dict[str, Any] = {
     "checkpoint": {"interval_steps": 100},
     "runtime": {"per_device_batch": 16, "threads": 1},
 }
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def write_config(directory: Path, name: str, output: str, **over: Any) -> Path:

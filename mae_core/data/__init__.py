@@ -20,11 +20,27 @@ def build_source(cfg: DataConfig, batch_size: int, rank: int, world_size: int, s
     if cfg.url is None:
         from mae_core.data.synthetic import SyntheticSource
 
-        return SyntheticSource(cfg.num_samples or SYNTHETIC_SAMPLES, cfg.input_size, batch_size, rank, world_size,
+        return SyntheticSource(dataset_size(cfg) or SYNTHETIC_SAMPLES, cfg.input_size, batch_size, rank, world_size,
                                seed, batches_multiple)
     from mae_core.data.stream import StreamingSource
 
     return StreamingSource(cfg, batch_size, rank, world_size, seed, batches_multiple)
 
 
-__all__ = ["DataConfig", "build_source"]
+def dataset_size(cfg: DataConfig) -> int | None:
+    """Samples per epoch, as ``maestro plan`` shows them and the trainer uses them:
+    ``data.num_samples``, else the count in the dataset's ``manifest.json``, else (synthetic data)
+    the synthetic default. None when only reading the data could tell (a pattern, a list or an
+    image folder without a manifest). The streaming source refuses data that holds another count."""
+    if cfg.num_samples is not None:
+        return cfg.num_samples
+    if cfg.url is None:
+        return SYNTHETIC_SAMPLES
+    if not isinstance(cfg.url, str) or "{" in cfg.url:
+        return None
+    from mae_core.data.sources import manifest_samples
+
+    return manifest_samples(cfg.url)
+
+
+__all__ = ["DataConfig", "build_source", "dataset_size"]

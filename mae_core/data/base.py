@@ -16,6 +16,7 @@ class BatchSource(Protocol):
     """
 
     batches_per_epoch: int
+    num_samples: int  # samples per epoch, the figure the schedule is derived from
 
     def __iter__(self) -> Iterator[torch.Tensor]: ...
 

@@ -133,15 +133,32 @@ def list_images(url: str) -> tuple[AbstractFileSystem, str, list[str], list[str]
     return fs, root, images, classes
 
 
-def _resolve_manifest(fs: AbstractFileSystem, url: str) -> Dataset:
+def read_manifest(fs: AbstractFileSystem, url: str) -> list[tuple[str, int]]:
+    """(shard name, samples) of each shard a ``manifest.json`` lists: the one reader of manifests."""
     fix = "rebuild it with `python -m mae_core.data shard`"
     try:
         doc = json.loads(fs.cat_file(url))
-        entries = [(str(e["name"]), int(e["samples"])) for e in doc["shards"]]
+        return [(str(e["name"]), int(e["samples"])) for e in doc["shards"]]
     except FileNotFoundError:
         raise FileNotFoundError(f"data.url {url} does not exist; check the bucket and path") from None
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"data.url {url} is not a shard manifest ({type(e).__name__}: {e}); {fix}") from None
+
+
+def manifest_samples(url: str) -> int | None:
+    """Samples listed by the manifest of a data URL (a folder or the manifest itself); None when
+    the URL is a pattern, a list or a folder without a manifest."""
+    fs, path = fsspec.core.url_to_fs(url)
+    path = path.rstrip("/")
+    manifest = path if path.endswith(MANIFEST) else f"{path}/{MANIFEST}"
+    fs.invalidate_cache(posixpath.dirname(manifest))
+    if not fs.exists(manifest):
+        return None
+    return sum(samples for _, samples in read_manifest(fs, fs.unstrip_protocol(manifest)))
+
+
+def _resolve_manifest(fs: AbstractFileSystem, url: str) -> Dataset:
+    entries = read_manifest(fs, url)
     base = url.rsplit("/", 1)[0]
     shards = [TarShard(name if "://" in name or name.startswith("/") else f"{base}/{name}", samples)
               for name, samples in entries]

@@ -24,6 +24,7 @@ import torch
 from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mae_core.data import dataset_size
 from mae_core.data.augment import augment, normalise, sample_rng
 from mae_core.data.config import DataConfig
 from mae_core.data.order import (
@@ -174,6 +175,11 @@ class StreamingSource:
         self.dataset = resolve(cfg.url, cfg.files_per_read)
         self.layout = Layout(world_size, max(1, cfg.num_workers), batch_size, batches_multiple, cfg.shuffle_buffer)
         samples = self.dataset.samples
+        declared = dataset_size(cfg)
+        if declared is not None and declared != samples:
+            raise ValueError(f"data.num_samples={declared} but data.url {self.dataset.description} holds {samples} "
+                             "samples; remove data.num_samples or correct it")
+        self.num_samples = samples
         self.batches_per_epoch = segment_batches(samples, self.layout)
         if self.batches_per_epoch == 0:
             raise ValueError(f"data.url {self.dataset.description} holds {samples} samples, fewer than one "

@@ -32,6 +32,7 @@ class SyntheticSource:
 
     def __init__(self, num_samples: int, input_size: int, batch_size: int, rank: int, world_size: int,
                  seed: int, batches_multiple: int = 1) -> None:
+        self.num_samples = num_samples
         self.images = synthetic_images(num_samples, input_size, seed)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         per_round = batch_size * world_size

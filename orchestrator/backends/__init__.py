@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from orchestrator.backends.base import Backend
 from orchestrator.errors import UserError
-from orchestrator.profiles import LocalProfile, Profile, SlurmProfile
+from orchestrator.profiles import LocalProfile, Profile, RayProfile, SlurmProfile
 
 
 def get_backend(profile: Profile) -> Backend:
@@ -16,8 +16,11 @@ def get_backend(profile: Profile) -> Backend:
         from orchestrator.backends.slurm import SlurmBackend
 
         return SlurmBackend(profile)
+    if isinstance(profile, RayProfile):
+        from orchestrator.backends.ray import RayBackend
 
-    raise UserError(f"the {profile.backend} backend is not available yet; use a local or slurm profile")
+        return RayBackend(profile)
+    raise UserError(f"the {profile.backend} backend is not available; use a local, slurm or ray profile")
 
 
 __all__ = ["Backend", "get_backend"]

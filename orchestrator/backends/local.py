@@ -16,10 +16,10 @@ import uuid
 from pathlib import Path
 from typing import IO
 
-from mae_core import storage
+from orchestrator.backends.base import Ended
 from orchestrator.profiles import LocalProfile
 from orchestrator.registry import ACTIVE, Registry, RunState
-from orchestrator.runner import local_command, run_attempt
+from orchestrator.runner import RESUME_HINT, local_command, run_attempt
 
 STATE_DIR_ENV = "MAESTRO_STATE_DIR"
 
@@ -51,13 +51,11 @@ class LocalBackend:
             ids.append(job_id)
         return ids
 
-    def status(self, registry: Registry, state: RunState) -> RunState:
+    def status(self, registry: Registry, state: RunState) -> Ended | None:
         if state.status in ACTIVE and state.pid and state.host in (None, os.uname().nodename) \
                 and not _alive(state.pid) and time.time() - state.updated > 5:
-            state = registry.update(state.experiment, state.run_id, status="failed", ended=time.time(),
-                                    message="the run's process died without recording an end; "
-                                            "`maestro resume` continues from the last checkpoint")
-        return state
+            return Ended("failed", f"the run's process died without recording an end; {RESUME_HINT}")
+        return None
 
     def cancel(self, registry: Registry, state: RunState) -> None:
         # The runner polls for the request, checkpoints and marks the run cancelled.
@@ -66,8 +64,7 @@ class LocalBackend:
             registry.update(state.experiment, state.run_id, status="cancelled", ended=time.time())
 
     def logs(self, registry: Registry, state: RunState, attempt: int | None = None) -> str:
-        url = registry.log_url(state, attempt or max(1, state.attempts))
-        return storage.read_bytes(url).decode(errors="replace") if storage.exists(url) else ""
+        return registry.read_logs(state, attempt or max(1, state.attempts))
 
 
 def _alive(pid: int) -> bool:

@@ -17,17 +17,19 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import submitit
 
-from mae_core import storage
-from mae_core.distributed import INIT_METHOD_ENV
+from mae_core.contract import PREEMPTED_EXIT_CODE, rendezvous_env
+from orchestrator.backends.base import Ended
 from orchestrator.errors import UserError
 from orchestrator.profiles import SlurmProfile
 from orchestrator.registry import ACTIVE, Registry, RunState
-from orchestrator.runner import StopReason, run_attempt, run_trainer, train_config_file
+from orchestrator.runner import RESUME_HINT, StopReason, run_attempt, run_trainer, train_config_file
 from orchestrator.spec import ExperimentSpec
 
 # Our budgets decide about requeues; submitit's own timeout count must never refuse one.
@@ -48,7 +50,7 @@ class SlurmRun(submitit.helpers.Checkpointable):
     """What every task of a run's job executes; pickled by submitit and resubmitted on requeue."""
 
     def __call__(self, root: str, experiment: str, run_id: str) -> str:
-        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+        requeue = submitit_requeue_handler()
         job = submitit.JobEnvironment()
         registry = Registry(root)
         profile = registry.profile(experiment, run_id)
@@ -57,12 +59,12 @@ class SlurmRun(submitit.helpers.Checkpointable):
         if job.global_rank != 0:
             with train_config_file(registry, experiment, run_id) as config:
                 code, _ = run_trainer(trainer_command(config), env=env)
-            if code not in (0, 75):
+            if code not in (0, PREEMPTED_EXIT_CODE):
                 raise RuntimeError(f"rank {job.global_rank}: the trainer exited {code}")
             return "done"
         state = run_attempt(root, experiment, run_id, trainer_command, env=env, can_requeue=True,
                             stop_reason=lambda: stop_reason(profile))
-        if state.status == "requeued" and callable(requeue):
+        if state.status == "requeued":
             requeue(signal.SIGUSR2, None)  # calls self.checkpoint(), then scontrol requeue, then exits
         if state.status == "failed":
             # A non-zero exit makes srun (--kill-on-bad-exit) stop the other ranks' tasks.
@@ -77,17 +79,15 @@ def trainer_command(config: Path) -> list[str]:
 def rank_env(job: submitit.JobEnvironment, profile: SlurmProfile) -> dict[str, str]:
     """torch.distributed's environment for this task, from SLURM's."""
     job_id = os.environ.get("SLURM_JOB_ID", job.job_id)  # an array task's own id
-    env = dict(os.environ)
-    env.update({
-        "RANK": str(job.global_rank), "LOCAL_RANK": str(job.local_rank), "WORLD_SIZE": str(job.num_tasks),
-        "LOCAL_WORLD_SIZE": str(job.num_tasks // job.num_nodes),
-        "MASTER_ADDR": node_address(job.hostnames[0]), "MASTER_PORT": str(master_port(job_id)),
-    })
+    init_method = None
     if profile.rendezvous == "file":
         directory = Path(profile.folder).expanduser() / "rendezvous"
         directory.mkdir(parents=True, exist_ok=True)
         attempt = os.environ.get("SLURM_RESTART_COUNT", "0")
-        env[INIT_METHOD_ENV] = f"file://{directory}/{job_id}-{attempt}"
+        init_method = f"file://{directory}/{job_id}-{attempt}"
+    env = dict(os.environ)
+    env.update(rendezvous_env(job.global_rank, job.local_rank, job.num_tasks, job.num_tasks // job.num_nodes,
+                              node_address(job.hostnames[0]), master_port(job_id), init_method))
     env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
     return env
 
@@ -144,6 +144,23 @@ def slurm_state(job_id: str) -> str | None:
     return None
 
 
+# submitit's internals, in one place: tested with the submitit version pinned in pyproject.toml.
+def submitit_requeue_handler() -> Callable[[int, FrameType | None], None]:
+    """submitit's USR2 handler, installed before our callable runs: calling it runs
+    ``checkpoint()``, then ``scontrol requeue``, then exits. We call it ourselves once every rank
+    has checkpointed, instead of letting the signal call it at once."""
+    handler = signal.getsignal(signal.SIGUSR2)
+    if not callable(handler):
+        raise RuntimeError(f"submitit installed no USR2 handler (found {handler!r}); pin submitit==1.5.4")
+    return handler
+
+
+def sbatch_text(executor: submitit.SlurmExecutor) -> str:
+    """The sbatch script ``executor.submit`` would write, without submitting: submitit has no
+    public call for it."""
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="plan")
+
+
 class SlurmBackend:
     name = "slurm"
 
@@ -179,8 +196,7 @@ class SlurmBackend:
 
     def sbatch_script(self, spec: ExperimentSpec) -> str:
         """The script ``submit`` would hand to sbatch for one run of this spec."""
-        executor = self.executor(spec)
-        return executor._make_submission_file_text(executor._submitit_command_str, uid="plan")
+        return sbatch_text(self.executor(spec))
 
     def submit(self, registry: Registry, runs: list[RunState]) -> list[str]:
         groups: dict[str, list[tuple[RunState, ExperimentSpec]]] = {}
@@ -206,17 +222,15 @@ class SlurmBackend:
             subprocess.run(["scontrol", "release", array_id], check=True, capture_output=True, timeout=60)
         return [ids[s.key] for s in runs]
 
-    def status(self, registry: Registry, state: RunState) -> RunState:
+    def status(self, registry: Registry, state: RunState) -> Ended | None:
         if state.status not in ACTIVE or not state.job_ids or time.time() - state.updated < HEARTBEAT_STALE_S:
-            return state
+            return None
         job_id = state.job_ids[-1]
         slurm = slurm_state(job_id)
         if slurm not in ENDED:
-            return state
-        status = "cancelled" if slurm == "CANCELLED" else "failed"
-        return registry.update(state.experiment, state.run_id, status=status, ended=time.time(),
-                               message=f"SLURM job {job_id} ended {slurm} without the trainer recording an end; "
-                               "`maestro resume` continues from the last checkpoint")
+            return None
+        return Ended("cancelled" if slurm == "CANCELLED" else "failed",
+                     f"SLURM job {job_id} ended {slurm} without the trainer recording an end; {RESUME_HINT}")
 
     def cancel(self, registry: Registry, state: RunState) -> None:
         registry.request_cancel(state)
@@ -227,12 +241,11 @@ class SlurmBackend:
             argv = ["scancel", "--signal=TERM", job_id] if graceful else ["scancel", job_id]
             subprocess.run(argv, capture_output=True, timeout=60, check=False)
         registry.update(state.experiment, state.run_id, status="cancelled", ended=time.time(),
-                        message="cancelled; `maestro resume` continues from the last checkpoint")
+                        message=f"cancelled; {RESUME_HINT}")
 
     def logs(self, registry: Registry, state: RunState, attempt: int | None = None) -> str:
         """The trainer's log of the attempt, then the SLURM task's own stdout and stderr."""
-        url = registry.log_url(state, attempt or max(1, state.attempts))
-        text = storage.read_bytes(url).decode(errors="replace") if storage.exists(url) else ""
+        text = registry.read_logs(state, attempt or max(1, state.attempts))
         if state.job_ids:
             job = submitit.SlurmJob(folder=self.folder / "%j", job_id=state.job_ids[-1])
             for name, path in (("stdout", job.paths.stdout), ("stderr", job.paths.stderr)):

@@ -9,7 +9,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "local_slurm.sh"
+# The repository's own script: these helpers run from a checkout (tests, benchmarks).
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "local_slurm.sh"
 # The daemons live in sbin, which is not on every PATH.
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 # The script also needs slurmdbd and mariadbd: without them start fails instead of skipping.

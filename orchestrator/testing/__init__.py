@@ -1,0 +1,1 @@
+"""Helpers that start real services (clusters, servers) for tests and benchmarks."""
