@@ -4,8 +4,8 @@ What: the images per second and the share of the device's peak FLOP/s that a who
 reaches, run the way mae_core.train runs it: ``init_distributed()`` (a one-rank group without a
 launcher, the whole world under torchrun), ``parallelize()`` (activation checkpointing,
 per-block ``torch.compile`` and FSDP2; with bf16, FSDP2 gathers bf16 parameters and reduces fp32
-gradients), fused AdamW from ``build_optimizer``, a masked forward (under bf16 autocast for bf16
-runs, as the trainer does), backward, optimizer step and ``zero_grad``.
+gradients, and there is no autocast, as in the trainer), fused AdamW from ``build_optimizer``, a
+masked forward with ``mask_generator``'s masks, backward, optimizer step and ``zero_grad``.
 
 Why: img/s alone cannot tell a slow model from a slow machine. MFU divides the model FLOPs the
 step performs by the time it took and by the device's peak, so it says how much of the hardware a
@@ -47,7 +47,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,6 +64,7 @@ from mae_core.config import RuntimeConfig
 from mae_core.distributed import DistEnv, init_distributed, parallelize, shutdown
 from mae_core.model import Attention, MaskedAutoencoderViT, build_model
 from mae_core.optim import build_optimizer, set_lr
+from mae_core.train import mask_generator
 
 MODELS = {"base": "mae_vit_base_patch16", "large": "mae_vit_large_patch16", "huge": "mae_vit_huge_patch14"}
 PRECISIONS = ("fp32", "bf16")
@@ -260,27 +261,23 @@ class Trainer:
         self.model.train()
         self.env, self.mask_ratio, self.seed = env, args.mask_ratio, args.seed
         self.imgs = torch.randn(batch, 3, args.img_size, args.img_size, device=env.device)
-        self.autocast: Callable[[], contextlib.AbstractContextManager[object]] = (
-            (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if precision == "bf16"
-            else contextlib.nullcontext)
         self.loss = torch.zeros((), device=env.device)
         self.count = 0
 
     def step(self) -> float:
         """One training step, as mae_core.train runs it with one micro-batch; returns seconds."""
-        # Masks from a per-(step, rank) CPU generator, like mae_core.train.mask_generator.
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.count * self.env.world_size + self.env.rank)
-        self.count += 1
         synchronize(self.env.device)
         start = time.perf_counter()
-        with self.autocast():
-            loss, _, _ = self.model(self.imgs, mask_ratio=self.mask_ratio, generator=gen)
+        # bf16 needs no autocast: FSDP2's MixedPrecisionPolicy casts parameters and inputs (as in mae_core.train).
+        gen = mask_generator(self.seed, self.count, self.env.rank)
+        loss, _, _ = self.model(self.imgs, mask_ratio=self.mask_ratio, generator=gen)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         synchronize(self.env.device)
         elapsed = time.perf_counter() - start
         self.loss = loss.detach()
+        self.count += 1
         return elapsed
 
     def close(self) -> None:
