@@ -60,8 +60,9 @@ def shutdown() -> None:
 
 def parallelize(model: MaskedAutoencoderViT, env: DistEnv, runtime: RuntimeConfig) -> MaskedAutoencoderViT:
     """Everything that changes how the model computes but not what, in the order that composes:
-    activation checkpointing inside each block, then ``torch.compile`` per block (so a compiled
-    block is also the unit FSDP2 gathers), then FSDP2 over the blocks and the root.
+    activation checkpointing of each block (the model recomputes a block's activations in
+    backward), then ``torch.compile`` per block (so a compiled block is also the unit FSDP2
+    gathers), then FSDP2 over the blocks and the root.
 
     With ``precision: bf16`` FSDP2 keeps fp32 parameters and optimizer state and gathers bf16
     copies for compute (gradients are reduced in fp32), so all-gathers move half the bytes.

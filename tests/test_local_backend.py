@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from maestro_cli import maestro, wait_for, weights
 from trainer_runs import losses
 
 from mae_core import storage
+from mae_core.contract import latest_checkpoint
 from orchestrator.registry import Registry, RunState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,9 @@ def test_cancel_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     assert maestro("submit", str(write_spec(tmp_path, "stopped", optim={"epochs": 30, "global_batch": 32})),
                    "--root", root).returncode == 0
     wait_for(lambda: only_run(registry, "stopped").status == "running", what="run to start")
-    time.sleep(4)  # into training: past start-up, well before the end
+    # Into training (its first checkpoint is committed), well before the end, however slow start-up is.
+    checkpoints = storage.join(registry.run_url("stopped", only_run(registry, "stopped").run_id), "checkpoints")
+    wait_for(lambda: latest_checkpoint(checkpoints) is not None, what="the first checkpoint")
     assert maestro("cancel", "stopped", "--root", root).returncode == 0
     wait_for(lambda: only_run(registry, "stopped").status == "cancelled", what="cancel")
     stopped = only_run(registry, "stopped")

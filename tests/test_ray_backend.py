@@ -303,3 +303,33 @@ def test_bad_ray_profiles_get_one_line_without_the_secret(tmp_path: Path, field:
     lines = proc.stdout.strip().splitlines() + proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and needle in lines[0], proc.stdout + proc.stderr
     assert CANARY not in proc.stdout + proc.stderr
+
+
+def test_a_run_without_new_steps_is_hung_stopped_and_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from maestro_cli import run_in_process
+
+    from orchestrator.backends import ray as ray_backend
+    from orchestrator.profiles import RayProfile
+    from orchestrator.spec import validate
+    from orchestrator.sweep import PlannedRun
+
+    root = str(tmp_path / "registry")
+    registry = Registry(root)
+    spec = validate({**SPEC, "name": "ray-hang"}, "spec")
+    registry.create(PlannedRun("ray-hang", "r1", spec, {}), RayProfile(address="http://127.0.0.1:9"), 240)
+    state = registry.update("ray-hang", "r1", status="running", attempts=1, heartbeat=time.time(), hang_timeout_s=1.0)
+    # A trainer that never logs a step; progress is read on every poll here.
+    monkeypatch.setattr(ray_backend, "UPLOAD_S", 0.0)
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    log = tmp_path / "train.log"
+    log.write_text("starting\n")
+    watch = ray_backend._Watch(registry, state, 0, log, hang_timeout_s=1.0)
+    deadline = time.monotonic() + 20
+    while trainer.poll() is None and time.monotonic() < deadline:
+        watch.poll(trainer)
+        time.sleep(0.2)
+    assert watch.hung and trainer.wait(timeout=5) == -signal.SIGKILL
+    assert [e["event"] for e in registry.events("ray-hang", "r1")][-1] == "hung"
+    code, out = run_in_process(capsys, "ls", "ray-hang", "--root", root)
+    assert code == 0 and "hung" in out
