@@ -219,3 +219,19 @@ def test_state_of_another_dataset_is_refused(shards: str) -> None:
         source.load_state_dict(source.state_dict() | {"samples": SAMPLES + 1})
     with pytest.raises(ValueError, match="same seed"):
         source.load_state_dict(source.state_dict() | {"seed": 1})
+
+
+def test_the_source_trains_on_the_sample_count_the_plan_shows(shards: str) -> None:
+    from mae_core.config import OptimConfig
+    from mae_core.data import dataset_size
+    from mae_core.schedule import Schedule
+
+    planned = dataset_size(cfg(shards, workers=0))  # what `maestro plan` reads: the manifest
+    source = StreamingSource(cfg(shards, workers=0), 8, 0, 2, seed=0)
+    assert planned == source.num_samples == SAMPLES
+    optim = OptimConfig(global_batch=16)
+    assert Schedule.derive(optim, 8, 2, planned).steps_per_epoch == source.batches_per_epoch
+    # A declared count the data contradicts is refused, not silently replaced.
+    wrong = cfg(shards, workers=0).model_copy(update={"num_samples": SAMPLES + 8})
+    with pytest.raises(ValueError, match=f"data.num_samples={SAMPLES + 8}"):
+        StreamingSource(wrong, 8, 0, 2, seed=0)

@@ -129,3 +129,15 @@ def test_ls_imports_no_torch(tmp_path: Path) -> None:
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
     assert proc.returncode == 0 and "orchestrator.registry" in imported, proc.stderr[-2000:]
     assert not [m for m in imported if m == "torch" or m.startswith("torch.")]
+
+
+def test_moved_resources_keys_still_work_with_a_one_line_deprecation(tmp_path: Path) -> None:
+    raw = base_spec()
+    raw["resources"]["threads"] = 1
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", str(path)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["warning: resources.threads is deprecated; write it as runtime.threads"]
+    assert load_spec(path).train_config("out").runtime.threads == 1
