@@ -166,7 +166,8 @@ write_slurm_conf() {
   local nodes_line partition_nodes
   if [ "$NODES" -eq 1 ]; then
     local cpus
-    cpus=$(nproc)
+    # nproc honours OMP_NUM_THREADS (set to 1 in many training environments): count the cores.
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     nodes_line="NodeName=localhost NodeAddr=127.0.0.1 Port=${SLURMD_PORTS[0]} CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=4000"
     partition_nodes=localhost
   else

@@ -90,18 +90,21 @@ def two_nodes() -> Iterator[SlurmCluster]:
     yield from _running_cluster(2)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(s3_endpoint: str) -> Iterator[RayCluster]:
     """A real Ray cluster on loopback, its own process group, stopped by signalling that process
-    (never `ray stop`). Its nodes have their own credentials for the moto S3 endpoint."""
+    (never `ray stop`), and gone before other modules' tests run. Its nodes have their own
+    credentials for the moto S3 endpoint."""
     require("ray (pip install -e .[ray])", ray_available())
     from orchestrator.testing.s3_server import TEST_CREDENTIALS
 
     cluster = start_ray_cluster(num_cpus=8, extra_env={"AWS_ENDPOINT_URL": s3_endpoint, **TEST_CREDENTIALS})
     try:
         with pytest.MonkeyPatch.context() as mp:
+            # Only Ray's own settings: the cluster's OMP_NUM_THREADS=1 must not reach other tools here.
             for key, value in RAY_TEST_ENV.items():
-                mp.setenv(key, value)
+                if key.startswith("RAY_"):
+                    mp.setenv(key, value)
             yield cluster
     finally:
         cluster.stop()
