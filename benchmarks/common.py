@@ -1,13 +1,41 @@
-"""What several benchmarks share: a moto S3 server on loopback, and the CPU share that other
-processes took while a benchmark ran."""
+"""What several benchmarks share: a moto S3 server on loopback (optionally started with objects
+already in it), and the CPU share that other processes took while a benchmark ran."""
 
 from __future__ import annotations
 
 import os
+import pickle
+import socket
 import subprocess
+import sys
+import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
-from orchestrator.testing.s3_server import start_s3_server
+from orchestrator.testing.s3_server import TEST_CREDENTIALS, free_port, start_s3_server
+
+# Runs in the moto server's own process: puts every object of the pickled {bucket: {key: bytes}}
+# straight into moto's backend, then serves. Objects land as a PUT would leave them (ETag
+# included), at ~50 us each instead of the ~10 ms of CPU a PUT through HTTP costs on moto.
+_SEEDED_SERVER = """
+import pickle, sys
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.s3.models import s3_backends
+from moto.server import main
+
+with open(sys.argv[1], "rb") as f:
+    seed = pickle.load(f)
+backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+for bucket, objects in seed.items():
+    backend.create_bucket(bucket, "us-east-1")
+    for key, value in objects.items():
+        backend.put_object(bucket, key, value)
+del seed
+main(["-H", "127.0.0.1", "-p", sys.argv[2]])
+"""
 
 
 class OtherLoad:
@@ -62,9 +90,48 @@ class OtherLoad:
         return self.other / (self.wall * (os.cpu_count() or 1))
 
 
-def start_moto() -> subprocess.Popen[bytes]:
+@contextmanager
+def counted_requests() -> Iterator[Counter[str]]:
+    """S3 requests sent through s3fs in this process while in the block, by operation."""
+    import s3fs
+
+    calls: Counter[str] = Counter()
+    call = s3fs.S3FileSystem._call_s3
+
+    async def counting(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        calls[method] += 1
+        return await call(self, method, *args, **kwargs)
+
+    s3fs.S3FileSystem._call_s3 = counting  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        s3fs.S3FileSystem._call_s3 = call  # type: ignore[method-assign]
+
+
+def start_moto(seed: dict[str, dict[str, bytes]] | None = None, timeout: float = 600) -> subprocess.Popen[bytes]:
     """A moto S3 server on loopback (``orchestrator.testing``, as in the tests), its endpoint set in
-    os.environ so that subprocesses (e.g. `maestro ls`) inherit it too."""
-    server = start_s3_server()
-    os.environ.update(server.env)
-    return server.proc
+    os.environ so that subprocesses (e.g. `maestro ls`) inherit it too. ``seed``: buckets and
+    their objects, {bucket: {key: bytes}}, present before the first request."""
+    if seed is None:
+        server = start_s3_server()
+        os.environ.update(server.env)
+        return server.proc
+    port = free_port()
+    with tempfile.NamedTemporaryFile(suffix=".pickle") as f:
+        pickle.dump(seed, f)
+        f.flush()
+        proc = subprocess.Popen([sys.executable, "-c", _SEEDED_SERVER, f.name, str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    raise RuntimeError(f"seeded moto server did not start within {timeout:.0f} s") from None
+                time.sleep(0.2)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **TEST_CREDENTIALS})
+    return proc

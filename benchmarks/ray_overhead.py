@@ -21,7 +21,6 @@ run and per restart; this says how much, against running the same processes dire
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -35,6 +34,7 @@ import yaml
 
 from mae_core import storage
 from mae_core.contract import latest_checkpoint
+from mae_core.metrics_log import read_records
 from orchestrator.registry import Registry, RunState
 from orchestrator.testing.ray_cluster import RAY_TEST_ENV, start_ray_cluster
 from orchestrator.testing.s3_server import start_s3_server
@@ -48,7 +48,9 @@ def spec(name: str, profile: Path, epochs: int) -> dict[str, Any]:
             "data": {"num_samples": 256, "input_size": 32},
             "optim": {"epochs": epochs, "global_batch": 32, "warmup_epochs": 1, "blr": 1e-3},
             "resources": {"nodes": 1, "gpus_per_node": 2, "per_device_batch": 16}, "runtime": {"threads": 1},
-            "checkpoint": {"interval_steps": 4}, "requeue": {"max_failures": 1}, "cluster": str(profile)}
+            "checkpoint": {"interval_steps": 4}, "requeue": {"max_failures": 1}, "cluster": str(profile),
+            # Every step recorded: first-step and recovery times read the first new record.
+            "metrics": {"log_interval": 1, "flush_s": 10.0}}
 
 
 def only(root: str, experiment: str) -> RunState | None:
@@ -65,8 +67,7 @@ def wait(predicate: Any, timeout: float, what: str) -> None:
 
 
 def metric_times(root: str, state: RunState) -> list[float]:
-    url = storage.join(Registry(root).run_url(state.experiment, state.run_id), "metrics.jsonl")
-    return [json.loads(line)["time"] for line in storage.read_bytes(url).decode().splitlines()]
+    return [r["time"] for r in read_records(Registry(root).run_url(state.experiment, state.run_id))]
 
 
 def submit_and_time(root: str, work: Path, name: str, profile: Path, epochs: int,

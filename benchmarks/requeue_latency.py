@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import logging
 import os
 import pstats
@@ -46,6 +45,7 @@ import yaml
 
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer
+from mae_core.metrics_log import read_records
 from orchestrator.registry import Registry, RunState
 from orchestrator.testing.slurm_cluster import SlurmCluster, available, start_cluster
 from orchestrator.testing.specs import merge
@@ -66,6 +66,8 @@ SPEC: dict[str, Any] = {
     "resources": {"nodes": 1, "gpus_per_node": 2, "per_device_batch": 16}, "runtime": {"threads": 1},
     # keep_last 5: the preempted attempt's checkpoint must still exist when its mtime is read.
     "checkpoint": {"interval_steps": 20, "keep_last": 5},
+    # Every step recorded: latency runs to the first new step's record, whatever the interval.
+    "metrics": {"log_interval": 1, "flush_s": 10.0},
 }
 PROFILE: dict[str, Any] = {
     "backend": "slurm", "partition": "low", "gpus_per_node": 0, "cpus_per_task": 1, "time_min": 120,
@@ -167,13 +169,6 @@ def event(registry: Registry, state: RunState, kind: str, attempt: int) -> dict[
     return found[-1] if found else None
 
 
-def metrics(run_url: str) -> list[dict[str, Any]]:
-    url = storage.join(run_url, "metrics.jsonl")
-    if not storage.exists(url):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(url).decode().splitlines()]
-
-
 def logged_steps(registry: Registry, state: RunState, attempt: int) -> list[int]:
     """The steps an attempt's trainer logged: all it computed, whatever the checkpoint kept."""
     text = storage.read_bytes(registry.log_url(state, attempt)).decode(errors="replace")
@@ -221,11 +216,11 @@ def preempt_once(registry: Registry, attempt: int, jobs: list[str]) -> dict[str,
     resumed = start["resumed_from_step"] or 0
 
     def first_new_step() -> dict[str, Any] | None:
-        # Records past the resume step are dropped on resume, so one newer than the start is this attempt's.
-        new = [r for r in metrics(run_url) if r["step"] > resumed and r["time"] >= start["time"]]
+        # The curve drops records past the resume step, so one newer than the start is this attempt's.
+        new = [r for r in read_records(run_url) if r["step"] > resumed and r["time"] >= start["time"]]
         return min(new, key=lambda r: r["step"]) if new else None
 
-    # The trainer flushes metrics at each checkpoint (every 20 steps) or every 10 s.
+    # The trainer flushes metrics at each checkpoint (every 20 steps) or every metrics.flush_s (10 s).
     wait_for(lambda: first_new_step() is not None, 180, f"attempt {attempt + 1}'s first step")
     first = first_new_step()
     assert first is not None
@@ -252,7 +247,7 @@ PHASES = ["submit->ckpt", "ckpt->requeued", "requeued->job running", "job runnin
 
 def requeue_latency(work: Path, repeats: int, jobs: list[str],
                     registries: list[Registry]) -> tuple[list[dict[str, Any]], int]:
-    """Per-preemption results, and how many steps metrics.jsonl holds twice (0 when resume is exact)."""
+    """Per-preemption results, and how many steps the curve holds twice (0 when resume is exact)."""
     root = str(work / "registry")
     maestro("submit", str(write_spec(work)), "--root", root)
     registry = Registry(root)
@@ -271,9 +266,9 @@ def requeue_latency(work: Path, repeats: int, jobs: list[str],
               f"(stopped at {result['stop_step']}, resumed from {result['resumed']}, "
               f"replayed {result['replayed']}); {phases}; high job ran {result['high ran']}", flush=True)
     state = only(registry)
-    steps = [r["step"] for r in metrics(registry.run_url(state.experiment, state.run_id))]
+    steps = [r["step"] for r in read_records(registry.run_url(state.experiment, state.run_id))]
     twice = len(steps) - len(set(steps))
-    print(f"  steps recorded twice in metrics.jsonl: {twice}; requeued under job ids "
+    print(f"  steps twice in the curve (read_records): {twice}; requeued under job ids "
           f"{sorted({r['job_id'] for r in results})}, SLURM_RESTART_COUNT up to {results[-1]['restart_count']}")
     return results, twice
 

@@ -19,6 +19,8 @@ from mae_core.schedule import accumulation_steps
 
 # Paper Table 1f; implemented in mae_core.masking. Defined here so configs load without torch.
 MaskStrategy = Literal["random", "block", "grid"]
+# Grid masking keeps one patch of every 2x2 cell: its ratio is fixed, not chosen by mask_ratio.
+GRID_MASK_RATIO = 0.75
 
 
 class _Section(BaseModel):
@@ -34,6 +36,15 @@ class ModelConfig(_Section):
     decoder_depth: int | None = Field(default=None, ge=0)
     decoder_num_heads: int | None = Field(default=None, gt=0)
     mask_tokens_in_encoder: bool = Field(default=False, description="paper Table 1c baseline, for ablations")
+
+    @model_validator(mode="after")
+    def _grid_ratio(self) -> ModelConfig:
+        # Refused rather than ignored: a sweep over mask_ratio would train identical runs under different names.
+        if self.mask_strategy == "grid" and self.mask_ratio != GRID_MASK_RATIO:
+            raise ValueError(f"model.mask_ratio={self.mask_ratio} has no effect with model.mask_strategy=grid, which "
+                             f"always removes {GRID_MASK_RATIO:.0%} (one patch kept per 2x2 cell); set "
+                             f"model.mask_ratio: {GRID_MASK_RATIO} or use mask_strategy random or block")
+        return self
 
 
 class OptimConfig(_Section):
@@ -70,15 +81,29 @@ class RuntimeConfig(ComputeConfig):
     per_device_batch: int = Field(default=32, gt=0, description="images per device per micro-step")
 
 
+class MetricsConfig(_Section):
+    """How often rank 0 records and uploads training scalars (``mae_core.metrics``). The defaults
+    suit a run of ~500k steps over weeks whose run directory is in object storage."""
+
+    log_interval: int = Field(
+        default=20, gt=0, description="optimizer steps between metric records; 20 keeps ~25k points (~5 MB) of a "
+        "500k-step run, finer than any plot shows. Checkpoint steps and the last step are always recorded")
+    flush_s: float = Field(
+        default=600.0, gt=0, description="seconds between uploads of new records: each is 3 PUTs (metrics segment, "
+        "TensorBoard, progress.json), so 600 s costs 18 requests per run-hour, leaving the runner's polls under "
+        "~100 requests per run-hour in all; progress shown by `maestro ls` is this old at most, so keep it well "
+        "below the profile's hang_timeout_s. Checkpoints flush too, so a resume never loses records")
+
+
 class TrainConfig(_Section):
-    output: str = Field(default="runs/default", description="fsspec URL: checkpoints/, metrics.jsonl, tb/")
+    output: str = Field(default="runs/default", description="fsspec URL: checkpoints/, metrics/, tb/, progress.json")
     seed: int = 0
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     runtime: RuntimeConfig = RuntimeConfig()
-    log_interval: int = Field(default=1, gt=0, description="steps between metric records")
+    metrics: MetricsConfig = MetricsConfig()
     stop_after_step: int | None = Field(
         default=None, gt=0, description="checkpoint and exit at this step; the schedule is unchanged"
     )
@@ -90,7 +115,10 @@ class TrainConfig(_Section):
 
     def fingerprint(self) -> str:
         """Hash of what determines the numbers a run produces; a resume must match it."""
-        math_fields = self.model_dump(include={"seed", "model", "data", "optim"})
+        # How hard to retry reads and how many bad images to tolerate do not change the numbers;
+        # raising them must not stop a run from resuming.
+        math_fields = self.model_dump(include={"seed", "model", "data", "optim"},
+                                      exclude={"data": {"io_retries", "max_skip_fraction"}})
         math_fields["precision"] = self.runtime.precision
         return hashlib.sha256(json.dumps(math_fields, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,14 +48,17 @@ def rendezvous_env(rank: int, local_rank: int, world_size: int, local_world_size
     return env
 
 
-def exit_status(code: int, forwarded_signal: bool) -> int:
+def exit_status(code: int, forwarded: Collection[int]) -> int:
     """A launcher's view of a trainer's exit status.
 
-    A trainer signalled before it installed its handler dies of the signal (a negative status).
-    It had trained nothing since its last checkpoint, so when the launcher itself forwarded a
-    preemption signal that counts as the preempted exit, not a failure.
+    Only two endings count as preempted: the trainer's own PREEMPTED_EXIT_CODE after its
+    checkpoint, and death by exactly a preemption signal the launcher itself forwarded. The
+    trainer handles those signals once it has started, so dying of one means it was still
+    starting and had trained nothing since its last checkpoint. Any other signal (an OOM kill,
+    a segfault), even one arriving during a preemption, is a failure: preemptions are not
+    counted against a budget, so guessing wrong could requeue a crashing run forever.
     """
-    return PREEMPTED_EXIT_CODE if forwarded_signal and code < 0 else code
+    return PREEMPTED_EXIT_CODE if code < 0 and -code in forwarded and -code in PREEMPT_SIGNALS else code
 
 
 def step_dir(step: int) -> str:
@@ -71,12 +75,48 @@ class CheckpointInfo:
     meta: dict[str, Any]
 
 
+# A marker's fields and their JSON types.
+_MARKER_FIELDS: dict[str, type] = {"step": int, "epoch": int, "permanent": bool, "world_size": int,
+                                   "meta": dict, "files": dict}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a number here
+
+
+def _marker_problem(marker: Any) -> str | None:
+    """Why a parsed marker cannot be trusted, or None. A crash, a hand edit or another program may
+    have left it in any shape, so every field is checked here rather than failing with a KeyError
+    in the middle of a resume."""
+    if not isinstance(marker, dict):
+        return f"it holds a JSON {type(marker).__name__}, not an object"
+    for key, kind in _MARKER_FIELDS.items():
+        if key not in marker:
+            return f"field {key!r} is missing"
+        value = marker[key]
+        if not (_is_int(value) if kind is int else isinstance(value, kind)):
+            return f"field {key!r} is a {type(value).__name__}, not a {kind.__name__}"
+    if not all(_is_int(size) for size in marker["files"].values()):
+        return "a size in 'files' is not an integer"
+    if marker["step"] < 0 or marker["world_size"] < 1:
+        return f"step {marker['step']} or world size {marker['world_size']} is out of range"
+    return None
+
+
 def verify_checkpoint(url: str) -> CheckpointInfo | None:
-    """The checkpoint at ``url`` if its marker exists and every file it lists has its recorded
-    size; None for a save that died mid-write."""
+    """The checkpoint at ``url`` if its marker exists, is well formed and every file it lists has
+    its recorded size; None for a save that died mid-write or a marker that cannot be trusted
+    (logged with the reason)."""
     try:
         marker = storage.read_json(storage.join(url, MARKER))
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
+        return None
+    except ValueError as e:  # not JSON, or not UTF-8
+        log.warning("checkpoint %s has an unreadable %s marker (%s); skipping it", url, MARKER, e)
+        return None
+    problem = _marker_problem(marker)
+    if problem is not None:
+        log.warning("checkpoint %s has an invalid %s marker (%s); skipping it", url, MARKER, problem)
         return None
     sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in storage.listdir(url)}
     for name, size in marker["files"].items():
@@ -109,3 +149,32 @@ def latest_checkpoint(url: str) -> CheckpointInfo | None:
     """The newest complete checkpoint under ``url`` (a run's ``checkpoints/`` folder)."""
     complete, _ = scan_checkpoints(url)
     return complete[-1] if complete else None
+
+
+# One writer per run: the runner claims the run's output for each new attempt before starting
+# the trainer, and passes the attempt number in ATTEMPT_ENV. A trainer whose attempt is no longer
+# the claimed one (a straggler of a cancelled or requeued attempt) must not commit checkpoints.
+OWNER_FILE = "attempt.json"
+ATTEMPT_ENV = "MAESTRO_ATTEMPT"
+
+
+class StaleAttemptError(RuntimeError):
+    """This process belongs to an attempt that a newer attempt of the run has replaced."""
+
+
+def claim_output(output: str, attempt: int) -> None:
+    storage.write_json(storage.join(output, OWNER_FILE), {"attempt": attempt})
+
+
+def check_owner(output: str, attempt: int | None) -> None:
+    """Raise StaleAttemptError when a newer attempt has claimed ``output``. Outside maestro
+    (no attempt number, no claim) there is nothing to check."""
+    if attempt is None:
+        return
+    try:
+        claimed = storage.read_json(storage.join(output, OWNER_FILE)).get("attempt")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return
+    if isinstance(claimed, int) and claimed != attempt:
+        raise StaleAttemptError(f"attempt {attempt} is stale: attempt {claimed} now owns {output}; "
+                                "stopping without writing a checkpoint")

@@ -7,7 +7,7 @@
     python -m mae_core.launch --nproc 2 CONFIG.yaml
 
 Exit status: 0 when every rank succeeded, the preempted status when ranks stopped on a
-forwarded signal (including ranks it killed while they were still starting), otherwise the first failing rank's status.
+forwarded signal (``contract.exit_status`` says when), otherwise the first failing rank's status.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def launch(config: str, nproc: int) -> int:
         while len(codes) < nproc:
             for r, p in enumerate(procs):
                 if r not in codes and p.poll() is not None:
-                    codes[r] = exit_status(p.returncode, bool(signalled))
+                    codes[r] = exit_status(p.returncode, signalled)
                     if codes[r] not in (0, PREEMPTED_EXIT_CODE):
                         _terminate(procs)  # the others would block in a collective forever
             time.sleep(0.05)

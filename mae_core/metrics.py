@@ -1,13 +1,15 @@
-"""Training scalars from rank 0: ``metrics.jsonl`` plus TensorBoard, at any fsspec URL.
+"""Training scalars from rank 0, at any fsspec URL: the curve's segments (``mae_core.metrics_log``),
+TensorBoard and ``progress.json``.
 
-Object stores cannot append, so the JSONL is rewritten whole on each flush (one atomic put).
-On resume, records past the resumed step are dropped: they came from steps the checkpoint did
-not keep and will be recomputed, so the file always holds one clean loss curve.
+Every flush uploads only what is bounded: the open metrics segment, the open TensorBoard event
+file and the small progress record, three PUTs of at most a few tens of KiB however long the run
+has been going. Records of steps past the resumed step are not deleted; the reader and
+TensorBoard let this attempt's records replace them.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -16,50 +18,84 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 
 from mae_core import storage
+from mae_core.metrics_log import SEGMENT_BYTES, TB_DIR, SegmentWriter, tb_event_name
+from mae_core.progress import write_progress
+
+# A record's 6 scalars take ~280 bytes of events: a 32 KiB event file holds ~115 records, ~220 files
+# for a 500k-step run logged every 20 steps.
+TB_SEGMENT_BYTES = 32 * 1024
 
 
 class MetricsWriter:
-    def __init__(self, output: str, enabled: bool, resume_step: int = 0, flush_seconds: float = 10.0) -> None:
-        self.enabled = enabled
-        self.url = storage.join(output, "metrics.jsonl")
-        self.tb_url = storage.join(output, "tb")
-        self.flush_seconds = flush_seconds
-        self.records: list[dict[str, Any]] = []
+    def __init__(self, output: str, enabled: bool, flush_s: float, resume_step: int = 0,
+                 segment_bytes: int = SEGMENT_BYTES, tb_segment_bytes: int = TB_SEGMENT_BYTES) -> None:
+        self.enabled, self.output, self.flush_s = enabled, output, flush_s
+        self.tb_segment_bytes = tb_segment_bytes
+        self._last: dict[str, Any] | None = None  # newest record not yet flushed
         self._last_flush = time.monotonic()
         if not enabled:
             return
-        if storage.exists(self.url):
-            lines = storage.read_bytes(self.url).decode().splitlines()
-            self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
-        fs, _ = storage.filesystem(output)
-        # TensorBoard writes event files itself only to local disk; elsewhere it writes to a
-        # scratch dir that is uploaded on flush.
+        self.segments = SegmentWriter(output, resume_step, segment_bytes)
+        tb_url = storage.join(output, TB_DIR)
+        fs, tb_path = storage.filesystem(tb_url)
+        # TensorBoard appends to its event file in place, which only a local disk allows; elsewhere
+        # it writes to a scratch dir, and each flush uploads the open event file, which rolls over
+        # at tb_segment_bytes so an upload stays small.
         self._tb_local = storage.is_local(fs)
-        self._tb_dir = storage.filesystem(self.tb_url)[1] if self._tb_local else tempfile.mkdtemp(prefix="tb-")
-        self.tb = SummaryWriter(self._tb_dir, purge_step=resume_step + 1 if resume_step else None)
+        self._tb_dir = tb_path if self._tb_local else tempfile.mkdtemp(prefix="tb-")
+        self._tb_url, self._tb_index, self._tb_uploaded = tb_url, 0, 0
+        # The first event file starts with a purge of every step past the resume step: TensorBoard
+        # drops what earlier attempts logged there, as read_records does (also from step 0, when an
+        # attempt died before its first checkpoint).
+        self.tb = SummaryWriter(self._tb_dir, purge_step=resume_step + 1)
+        if not self._tb_local:  # the purge, like the metrics cut, shows from the start of the attempt
+            self.tb.flush()
+            self._upload_tb()
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.records.append({"step": step, "time": time.time(), **values})
+        self._last = {"step": step, "time": time.time(), **values}
+        self.segments.append(self._last)
         for key, value in values.items():
             self.tb.add_scalar(key, value, step)
-        if time.monotonic() - self._last_flush > self.flush_seconds:
+        if time.monotonic() - self._last_flush > self.flush_s:
             self.flush()
 
     def flush(self) -> None:
-        if not self.enabled:
+        """Upload what was logged since the last flush; nothing if nothing was."""
+        if not self.enabled or self._last is None:
             return
-        body = "".join(json.dumps(r) + "\n" for r in self.records)
-        storage.write_bytes(self.url, body.encode())
+        self.segments.flush()
         self.tb.flush()
         if not self._tb_local:
-            fs, path = storage.filesystem(self.tb_url)
-            for event_file in Path(self._tb_dir).iterdir():
-                fs.put_file(str(event_file), f"{path}/{event_file.name}")
+            self._upload_tb()
+        last = self._last
+        # Last: progress.json never names a step whose record is not stored yet.
+        write_progress(self.output, last["step"], **{k: last[k] for k in ("loss", "lr", "img_s") if k in last})
+        self._last = None
         self._last_flush = time.monotonic()
 
+    def _upload_tb(self) -> None:
+        # The scratch dir holds the one open event file (none right after a roll, until the next scalar).
+        for event_file in Path(self._tb_dir).iterdir():
+            size = event_file.stat().st_size
+            if size == self._tb_uploaded:
+                continue
+            storage.write_bytes(storage.join(self._tb_url, tb_event_name(self.segments.segment.writer,
+                                                                         self._tb_index)), event_file.read_bytes())
+            self._tb_uploaded = size
+            if size >= self.tb_segment_bytes:
+                # Closing ends the file; the next scalar opens a new one, without a second purge
+                # (SummaryWriter applies purge_step to its first file only).
+                self.tb.close()
+                event_file.unlink()
+                self._tb_index, self._tb_uploaded = self._tb_index + 1, 0
+
     def close(self) -> None:
-        if self.enabled:
-            self.flush()
-            self.tb.close()
+        if not self.enabled:
+            return
+        self.flush()
+        self.tb.close()
+        if not self._tb_local:
+            shutil.rmtree(self._tb_dir, ignore_errors=True)

@@ -50,7 +50,12 @@ def write_json(url: str, obj: Any) -> None:
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
-    return fs.cat_file(path)
+    # Another process may have written it since this one listed its folder: s3fs would otherwise
+    # take the size, or the absence, from that cached listing.
+    fs.invalidate_cache(path)
+    # Objects read whole here are small (states, markers, progress): s3fs would otherwise send a
+    # HEAD before each GET to decide on a ranged parallel download, doubling the requests.
+    return fs.cat_file(path, **({"max_concurrency": 1} if "s3" in fs.protocol else {}))
 
 
 def read_json(url: str) -> Any:
@@ -59,6 +64,7 @@ def read_json(url: str) -> Any:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
+    fs.invalidate_cache(path)  # as in read_bytes: not from a listing cached before another process wrote
     return fs.exists(path)
 
 

@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,8 +23,9 @@ from pydantic import ValidationError
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer, CheckpointError, SavePolicy, TrainState, rng_state, set_rng_state
 from mae_core.config import TrainConfig
-from mae_core.contract import CHECKPOINTS_DIR, PREEMPTED_EXIT_CODE
+from mae_core.contract import ATTEMPT_ENV, CHECKPOINTS_DIR, PREEMPTED_EXIT_CODE, StaleAttemptError, check_owner
 from mae_core.data import build_source
+from mae_core.data.stream import DataError
 from mae_core.distributed import DistEnv, StepVotes, init_distributed, parallelize, shutdown
 from mae_core.metrics import MetricsWriter
 from mae_core.model import MaskedAutoencoderViT, build_model
@@ -74,6 +77,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
+    # Set by maestro's runner: the attempt this process belongs to (contract.check_owner).
+    attempt = int(os.environ[ATTEMPT_ENV]) if os.environ.get(ATTEMPT_ENV, "").isdigit() else None
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -95,10 +100,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     step = 0
     latest = ckpt.latest()
     if latest is not None:
-        if latest.meta["fingerprint"] != cfg.fingerprint():
+        if latest.meta.get("fingerprint") != cfg.fingerprint():
             raise CheckpointError(
                 f"checkpoint {latest.url} was written by a different config (fingerprint "
-                f"{latest.meta['fingerprint']} != {cfg.fingerprint()}); use a new output URL to start over")
+                f"{latest.meta.get('fingerprint')} != {cfg.fingerprint()}); use a new output URL to start over")
         rank_state = ckpt.load(latest, state)
         source.load_state_dict(rank_state["data"])
         if latest.world_size == env.world_size:
@@ -106,12 +111,13 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         step = latest.step
         if env.is_main:
             log.info("resumed from %s at step %d", latest.url, step)
-    metrics = MetricsWriter(cfg.output, enabled=env.is_main, resume_step=step)
+    metrics = MetricsWriter(cfg.output, enabled=env.is_main, flush_s=cfg.metrics.flush_s, resume_step=step)
     if env.is_main:
         log.info("world %d, accumulation %d, lr %.3g, %d steps/epoch, %d steps total", env.world_size,
                  sched.accum_steps, sched.lr, sched.steps_per_epoch, sched.total_steps)
 
     def save(at_step: int, permanent: bool) -> None:
+        check_owner(cfg.output, attempt)  # a replaced attempt must not commit over its successor
         rank_state = {"data": source.state_dict(), "rng": rng_state()}
         meta = {"fingerprint": cfg.fingerprint(), "global_batch": cfg.optim.global_batch}
         ckpt.save(state, at_step, at_step // sched.steps_per_epoch, meta, rank_state, permanent)
@@ -121,6 +127,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     batches = iter(source)
     params = [p for p in model.parameters() if p.requires_grad]
     status: Literal["completed", "stopped", "preempted"] = "completed"
+    span_s, span_steps = 0.0, 0  # time and steps since the last record, for its img/s
     model.train()
     while step < sched.total_steps:
         t0 = time.perf_counter()
@@ -149,17 +156,20 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        dt = time.perf_counter() - t0
-        if step % cfg.log_interval == 0 or step == sched.total_steps:
+        span_s, span_steps = span_s + time.perf_counter() - t0, span_steps + 1
+        stop = cfg.stop_after_step is not None and step >= cfg.stop_after_step
+        due = policy.decide(step, requested=votes.stop or stop, time_due=votes.save_due)
+        # A checkpoint step is always recorded: the curve and progress.json reach the step a
+        # resume starts from, whatever the interval.
+        if step % cfg.metrics.log_interval == 0 or step == sched.total_steps or due is not None:
             record = {"loss": votes.loss, "lr": lr, "grad_norm": grad_norm.item(),
-                      "img_s": cfg.optim.global_batch / dt, "epoch": sched.epoch_of(step), **source.metrics()}
+                      "img_s": cfg.optim.global_batch * span_steps / span_s, "epoch": sched.epoch_of(step),
+                      **source.metrics()}
+            span_s, span_steps = 0.0, 0
             metrics.log(step, record)
             if env.is_main:
                 log.info("step %d/%d loss %.4f lr %.3g %.1f img/s", step, sched.total_steps,
                          record["loss"], lr, record["img_s"])
-
-        stop = cfg.stop_after_step is not None and step >= cfg.stop_after_step
-        due = policy.decide(step, requested=votes.stop or stop, time_due=votes.save_due)
         if due is not None:
             save(step, due.permanent)
         if votes.stop:
@@ -192,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = train(cfg)
-    except (NonFiniteLossError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (NonFiniteLossError, CheckpointError, StaleAttemptError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        # Most are set-up problems with one clear line, but a ValueError from inside the loop may
+        # be a bug: keep its traceback in the log, and the line last, where the runner reads it.
+        traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 1
     return PREEMPTED_EXIT_CODE if result.status == "preempted" else 0

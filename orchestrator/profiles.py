@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import UserError
-from orchestrator.secrets import secret_in
+from orchestrator.secrets import secret_path
 
 # Values that end up on an sbatch line: a conservative character set, no shell metacharacters.
-SLURM_TOKEN = re.compile(r"^[A-Za-z0-9_.,:@%+=/-]{1,128}$")
+# Every pattern here is used with fullmatch: `$` alone would let a trailing newline through.
+SLURM_TOKEN = re.compile(r"[A-Za-z0-9_.,:@%+=/-]{1,128}")
+SBATCH_OPTION = re.compile(r"[a-z][a-z0-9-]{0,40}")
 RAY_ADDRESS = re.compile(r"https?://[A-Za-z0-9.-]{1,253}(?::[0-9]{1,5})?/?")
 COMMAND_PATH = re.compile(r"[A-Za-z0-9_.+/-]{1,256}")
 RESOURCE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_:.-]{0,63}")
@@ -24,6 +26,16 @@ RUNTIME_ENV_KEYS = frozenset({"env_vars", "working_dir", "py_modules", "pip", "u
 
 class _Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, raw: Any) -> Any:
+        """Every value, before the fields' own checks: those may quote a bad value, this one must not."""
+        where = secret_path(raw, "")
+        if where is not None:
+            raise ValueError(f"{where} carries a credential; remove it: the nodes use their own (environment or "
+                             "instance role), and sbatch scripts and Ray runtime_envs are readable by other users")
+        return raw
 
 
 class LocalProfile(_Profile):
@@ -62,7 +74,7 @@ class SlurmProfile(_Profile):
     @field_validator("partition", "account", "qos", "constraint", "mem")
     @classmethod
     def _token(cls, v: str | None) -> str | None:
-        if v is not None and not SLURM_TOKEN.match(v):
+        if v is not None and not SLURM_TOKEN.fullmatch(v):
             raise ValueError(f"{v!r} contains characters not allowed on an sbatch line; "
                              "use letters, digits and _.,:@%+=/-")
         return v
@@ -71,7 +83,7 @@ class SlurmProfile(_Profile):
     @classmethod
     def _options(cls, v: dict[str, str]) -> dict[str, str]:
         for key, value in v.items():
-            if not re.match(r"^[a-z][a-z0-9-]{0,40}$", key) or not SLURM_TOKEN.match(value):
+            if not SBATCH_OPTION.fullmatch(key) or not SLURM_TOKEN.fullmatch(value):
                 raise ValueError(f"option {key}={value!r} is not a plain sbatch option; "
                                  "use lower-case names and values of letters, digits and _.,:@%+=/-")
         return v
@@ -131,12 +143,6 @@ class RayProfile(_Profile):
         for name, value in env_vars.items():
             if not isinstance(name, str) or not ENV_NAME.fullmatch(name) or not isinstance(value, str):
                 raise ValueError(f"runtime_env.env_vars: {name!r} must be an upper-case NAME with a string value")
-            if secret_in(name, value):
-                raise ValueError(f"runtime_env.env_vars.{name} carries a credential; Ray shows runtime_env in plain "
-                                 "text to anyone who can list jobs: give the nodes their own credentials instead")
-        for key, value in v.items():
-            if key != "env_vars" and secret_in(key, str(value)):
-                raise ValueError(f"runtime_env.{key} carries a credential; remove it and give the nodes their own")
         return v
 
     @property
@@ -164,5 +170,8 @@ def parse_profile(raw: object, source: str) -> Profile:
         return _ADAPTER.validate_python(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"][1:]) or "backend"
-        raise UserError(f"{source}: {field}: {err['msg'].removeprefix('Value error, ')}") from None
+        # Whole-profile checks (a value_error at the top) name their fields in the message.
+        field = ".".join(str(p) for p in err["loc"][1:]) or ("" if err["type"] == "value_error" else "backend")
+        message = err["msg"].removeprefix("Value error, ")
+        # Nor do messages that name a field inside this one (runtime_env.env_vars: ...) need a prefix.
+        raise UserError(f"{source}: {message if message.startswith(field) else f'{field}: {message}'}") from None

@@ -17,12 +17,22 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mae_core.config import CheckpointConfig, ComputeConfig, ModelConfig, OptimConfig, RuntimeConfig, TrainConfig
+from mae_core.config import (
+    CheckpointConfig,
+    ComputeConfig,
+    MetricsConfig,
+    ModelConfig,
+    OptimConfig,
+    RuntimeConfig,
+    TrainConfig,
+)
 from mae_core.data import DataConfig, dataset_size
 from mae_core.schedule import Schedule, ScheduleError, accumulation_steps
 from orchestrator.errors import UserError
+from orchestrator.secrets import secret_path
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Used with fullmatch: `$` alone would accept a trailing newline.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class _Section(BaseModel):
@@ -80,6 +90,7 @@ class ExperimentSpec(_Section):
     runtime: ComputeConfig = Field(default_factory=ComputeConfig, description="how each process computes")
     storage: StorageSpec = StorageSpec()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    metrics: MetricsConfig = MetricsConfig()
     requeue: RequeueSpec = RequeueSpec()
     cluster: str = Field(default="cluster_configs/local.yaml", description="cluster profile YAML")
     sweep: SweepSpec = SweepSpec()
@@ -87,9 +98,22 @@ class ExperimentSpec(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_PATTERN.match(v):
+        if not NAME_PATTERN.fullmatch(v):
             raise ValueError(f"{v!r} is not a valid name; use up to 64 letters, digits, '_', '-', '.'")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, raw: Any) -> Any:
+        """No credential in any value (data.url, storage.root, sweep values): the spec is stored in
+        the registry and shown by `plan`. Judged by value only: field names such as
+        model.mask_tokens_in_encoder are not credentials. Before the fields' own checks, which may
+        quote a bad value."""
+        where = secret_path(raw, "", by_name=False)
+        if where is not None:
+            raise ValueError(f"{where} carries a credential (a password, token or signed URL); remove it: "
+                             "credentials come from the environment (AWS_*), never from a spec")
+        return raw
 
     @model_validator(mode="before")
     @classmethod
@@ -125,7 +149,7 @@ class ExperimentSpec(_Section):
         """The trainer's config for this (already swept) spec, writing under ``output``."""
         runtime = RuntimeConfig(**self.runtime.model_dump(), per_device_batch=self.resources.per_device_batch)
         return TrainConfig(output=output, seed=self.seed, model=self.model, data=self.data, optim=self.optim,
-                           checkpoint=self.checkpoint, runtime=runtime)
+                           checkpoint=self.checkpoint, runtime=runtime, metrics=self.metrics)
 
 
 class MaestroDeprecation(FutureWarning):
@@ -231,7 +255,8 @@ def describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     message = err["msg"].removeprefix("Value error, ")
     if "input" in err and err["type"] != "value_error" and not isinstance(err["input"], dict):
         return f"{field}: {message} (got {json.dumps(err['input'], default=str)[:60]})"
-    return f"{field}: {message}"
+    # A section's own checks name their fields (model: model.mask_ratio=...): no prefix twice.
+    return message if message.startswith(f"{field}.") else f"{field}: {message}"
 
 
 def suggest(loc: list[str]) -> str:

@@ -15,6 +15,9 @@ from typing import Any
 from orchestrator.errors import UserError
 from orchestrator.spec import ExperimentSpec, set_dotted, validate
 
+# What `_slug` and the hash below make (up to 89 characters); the registry refuses any other run id.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
 
 @dataclass(frozen=True)
 class PlannedRun:

@@ -16,6 +16,10 @@ from orchestrator.testing.slurm_cluster import SlurmCluster, start_cluster
 from orchestrator.testing.slurm_cluster import available as slurm_available
 
 REQUIRE_ALL = os.environ.get("MAESTRO_REQUIRE_ALL") == "1"
+# Runners look at the registry every 2 s instead of every 2 minutes, so cancels through the
+# registry (Ray's path) and log uploads happen within a test's patience. Set before any runner
+# is imported here, and inherited by every process the tests start (local, SLURM and Ray jobs).
+os.environ.setdefault("MAESTRO_POLL_S", "2")
 
 
 def require(component: str, available: bool) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer, load_weights
+from mae_core.progress import read_progress
 from mae_core.train import make_model
 from orchestrator import cli
 from orchestrator.registry import Registry, RunState
@@ -56,3 +57,53 @@ def weights(registry: Registry, state: RunState) -> dict[str, torch.Tensor]:
     info = Checkpointer(storage.join(run_url, "checkpoints"), rank=0, world_size=1).latest()
     assert info is not None
     return load_weights(info, make_model(spec.train_config(output=run_url))).state_dict()
+
+
+def trained_step(registry: Registry, state: RunState) -> int:
+    """The step a run's trainer last flushed to ``progress.json`` (the registry's state only
+    records steps when an attempt ends)."""
+    last = read_progress(registry.run_url(state.experiment, state.run_id))
+    return int(last["step"]) if last else 0
+
+
+def trainer_pids(run_id: str) -> list[int]:
+    """Live trainer processes (``mae_core.train``) of a run on this machine: their config lives in
+    the runner's temp dir named after the run."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"mae_core.train" in argv and any(f"maestro-{run_id}-".encode() in a for a in argv):
+            pids.append(int(entry))
+    return pids
+
+
+def resume_at_once(target: str, root: str, timeout: float = 120) -> int:
+    """`maestro resume` right after a cancel, retried the way an impatient user would: refused
+    (one line, exit 2) while the cancelled attempt is still checkpointing. Returns the refusals."""
+    refusals, deadline = 0, time.monotonic() + timeout
+    while True:
+        proc = maestro("resume", target, "--root", root)
+        if proc.returncode == 0:
+            return refusals
+        assert proc.returncode == 2 and "still cancelling" in proc.stdout, proc.stdout + proc.stderr
+        assert time.monotonic() < deadline, "the cancelled attempt never left"
+        refusals += 1
+        time.sleep(0.2)
+
+
+def attempts_one_at_a_time(registry: Registry, state: RunState) -> None:
+    """Each attempt's start comes after the previous attempt recorded its end."""
+    events = registry.events(state.experiment, state.run_id)
+    ends = {"completed", "cancelled", "failed", "requeued", "preempted"}
+    open_attempt = False
+    for e in events:
+        if e["event"] == "started":
+            assert not open_attempt, f"attempt {e['attempt']} started while another was running: {events}"
+            open_attempt = True
+        elif e["event"] in ends:
+            open_attempt = False

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from mae_core.data.augment import MEAN, STD, augment, crop_box, normalise, sample_rng
+from mae_core.data.augment import MEAN, STD, UnreadableImage, augment, crop_box, normalise, sample_rng
 
 
 def encoded(width: int, height: int, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
@@ -66,12 +66,13 @@ def test_jpeg_draft_stays_close_to_a_full_decode() -> None:
         assert np.abs(fast - exact).mean() < 4.0  # of 255: below visible differences
 
 
-def test_corrupt_data_raises() -> None:
+def test_corrupt_data_raises_unreadable_image() -> None:
     data = encoded(64, 64)
-    with pytest.raises(OSError):
+    with pytest.raises(UnreadableImage, match="not an image Pillow can read"):
         augment(b"not an image", 32, random.Random(0))
-    with pytest.raises(OSError):
+    with pytest.raises(UnreadableImage, match="OSError: image file is truncated") as info:
         augment(data[: len(data) // 2], 32, random.Random(0))
+    assert isinstance(info.value.__cause__, OSError)
 
 
 def test_normalise_uses_the_imagenet_statistics() -> None:

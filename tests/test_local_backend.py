@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from maestro_cli import maestro, wait_for, weights
+from maestro_cli import attempts_one_at_a_time, maestro, resume_at_once, wait_for, weights
 from trainer_runs import losses
 
 from mae_core import storage
@@ -31,7 +31,7 @@ def write_spec(tmp_path: Path, name: str, **over: Any) -> Path:
         "data": {"num_samples": 256, "input_size": 32},
         "optim": {"epochs": 3, "global_batch": 32, "warmup_epochs": 1, "blr": 1e-3},
         "resources": {"gpus_per_node": 2, "per_device_batch": 16}, "runtime": {"threads": 1},
-        "checkpoint": {"interval_steps": 4},
+        "checkpoint": {"interval_steps": 4}, "metrics": {"log_interval": 1, "flush_s": 2.0},
         "cluster": str(REPO / "cluster_configs/local.yaml"), **over}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -78,19 +78,20 @@ def test_cancel_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     checkpoints = storage.join(registry.run_url("stopped", only_run(registry, "stopped").run_id), "checkpoints")
     wait_for(lambda: latest_checkpoint(checkpoints) is not None, what="the first checkpoint")
     assert maestro("cancel", "stopped", "--root", root).returncode == 0
-    wait_for(lambda: only_run(registry, "stopped").status == "cancelled", what="cancel")
-    stopped = only_run(registry, "stopped")
-    assert stopped.last_checkpoint_step is not None and 0 < stopped.last_checkpoint_step < 240
-
-    assert maestro("resume", "stopped", "--root", root).returncode == 0
+    resume_at_once("stopped", root)  # refused until the cancelled attempt has checkpointed and left
     wait_for(lambda: only_run(registry, "stopped").status == "completed", what="resumed run")
     resumed, straight = only_run(registry, "stopped"), only_run(registry, "straight")
     assert resumed.attempts == 2 and resumed.run_id == straight.run_id
     assert losses(registry.run_url("stopped", resumed.run_id)) == losses(registry.run_url("straight", straight.run_id))
     a, b = weights(registry, resumed), weights(registry, straight)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    events = [e["event"] for e in registry.events("stopped", resumed.run_id)]
-    assert events.count("started") == 2 and "cancelled" in events and "resumed" in events
+    events = registry.events("stopped", resumed.run_id)
+    assert [e["event"] for e in events].count("started") == 2 and "resumed" in [e["event"] for e in events]
+    [cancelled] = [e for e in events if e["event"] == "cancelled"]
+    assert 0 < cancelled["last_checkpoint_step"] < 240
+    [_, second] = [e for e in events if e["event"] == "started"]
+    assert second["resumed_from_step"] == cancelled["last_checkpoint_step"]
+    attempts_one_at_a_time(registry, resumed)
 
 
 def test_submitting_twice_does_not_duplicate_and_cancel_stops_every_run(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@ submitit, preempted and timed out for real, requeued and resumed, on one node an
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -11,11 +13,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from maestro_cli import maestro, wait_for, weights
+from maestro_cli import attempts_one_at_a_time, maestro, resume_at_once, trained_step, trainer_pids, wait_for, weights
 from trainer_runs import final_weights, launch, losses
 
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer
+from mae_core.contract import PREEMPTED_EXIT_CODE
 from orchestrator.registry import Registry, RunState
 from orchestrator.spec import load_spec
 from orchestrator.testing.slurm_cluster import SlurmCluster
@@ -28,6 +31,7 @@ SPEC: dict[str, Any] = {
     "optim": {"epochs": 30, "global_batch": 32, "warmup_epochs": 1, "blr": 1e-3},
     "resources": {"nodes": 1, "gpus_per_node": 2, "per_device_batch": 16}, "runtime": {"threads": 1},
     "checkpoint": {"interval_steps": 20, "keep_last": 2},
+    "metrics": {"log_interval": 1, "flush_s": 2.0},
 }
 PROFILE: dict[str, Any] = {
     "backend": "slurm", "partition": "low", "gpus_per_node": 0, "cpus_per_task": 1, "time_min": 30,
@@ -195,7 +199,8 @@ class TestOneNode:
     def test_cancel_leaves_squeue_within_15_s(self, one_node: SlurmCluster, tmp_path: Path) -> None:
         root = str(tmp_path / "registry")
         registry = submit(write_spec(tmp_path, optim={"epochs": 2000}), root)
-        wait_for(lambda: only(registry).status == "running" and only(registry).step > 0, what="the run to train")
+        wait_for(lambda: only(registry).status == "running" and trained_step(registry, only(registry)) > 0,
+                 what="the run to train")
         job_id = only(registry).job_ids[-1]
         started = time.monotonic()
         assert maestro("cancel", "slurm", "--root", root).returncode == 0
@@ -204,10 +209,51 @@ class TestOneNode:
         wait_for(lambda: only(registry).status == "cancelled", timeout=15, what="cancelled")
         assert only(registry).status == "cancelled"
 
+    def test_cancel_then_resume_at_once_runs_one_attempt_at_a_time(
+            self, one_node: SlurmCluster, tmp_path: Path,
+            reference: tuple[list[float], dict[str, torch.Tensor]]) -> None:
+        root = str(tmp_path / "registry")
+        registry = submit(write_spec(tmp_path), root)
+        wait_for(lambda: checkpoint_step(registry, only(registry)) > 0, what="the first checkpoint")
+        assert maestro("cancel", "slurm", "--root", root).returncode == 0
+        resume_at_once("slurm", root)  # refused until the cancelled attempt has checkpointed and left
+        [state] = finished(registry)
+        assert state.status == "completed" and state.attempts == 2, state.message
+        attempts_one_at_a_time(registry, state)
+        events = registry.events(state.experiment, state.run_id)
+        [cancelled] = [e for e in events if e["event"] == "cancelled"]
+        assert [e["resumed_from_step"] for e in events if e["event"] == "started"] == \
+            [None, cancelled["last_checkpoint_step"]]
+        assert_same_run(registry, state, reference)
+
+    def test_a_killed_trainer_is_a_failure_within_the_budget(self, one_node: SlurmCluster, tmp_path: Path) -> None:
+        registry = submit(write_spec(tmp_path, resources={"gpus_per_node": 1}, requeue={"max_failures": 1}),
+                          str(tmp_path / "registry"))
+        wait_for(lambda: only(registry).status == "running" and trained_step(registry, only(registry)) > 0,
+                 what="the run to train")
+        for pid in trainer_pids(only(registry).run_id):
+            os.kill(pid, signal.SIGKILL)  # what the kernel's OOM killer does
+        [state] = finished(registry)
+        assert state.status == "completed" and state.attempts == 2, state.message
+        assert state.failures == 1 and state.preemptions == 0 and state.timeouts == 0
+        [requeue] = [e for e in registry.events(state.experiment, state.run_id) if e["event"] == "requeued"]
+        assert requeue["exit_code"] not in (0, PREEMPTED_EXIT_CODE)
+
+    def test_a_trainer_that_crashes_on_every_start_spends_the_failure_budget(self, one_node: SlurmCluster,
+                                                                             tmp_path: Path) -> None:
+        missing = str(tmp_path / "no-such-dataset")
+        registry = submit(write_spec(tmp_path, resources={"gpus_per_node": 1}, requeue={"max_failures": 1},
+                                     data={"url": missing, "num_samples": 256}), str(tmp_path / "registry"))
+        [state] = finished(registry)
+        assert state.status == "failed" and state.attempts == 2 and state.failures == 2, state.message
+        assert "requeue.max_failures=1" in (state.message or "") and state.preemptions == 0
+
     def test_external_scancel_stops_the_run_instead_of_requeueing_it(self, one_node: SlurmCluster,
                                                                      tmp_path: Path) -> None:
         registry = submit(write_spec(tmp_path, optim={"epochs": 2000}), str(tmp_path / "registry"))
-        wait_for(lambda: only(registry).status == "running" and only(registry).step > 0, what="the run to train")
+        # Past its first checkpoint, so that start-up is over: a plain scancel gives the job only
+        # SLURM's KillWait to checkpoint before it kills it.
+        wait_for(lambda: checkpoint_step(registry, only(registry)) > 0, what="the first checkpoint")
         job_id = only(registry).job_ids[-1]
         subprocess.run(["scancel", job_id], check=True)
         [state] = finished(registry, timeout=60)

@@ -12,7 +12,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from maestro_cli import run_in_process
+from pydantic import ValidationError
 
+from mae_core.config import ModelConfig
 from orchestrator.spec import Derived, load_spec
 from orchestrator.sweep import expand
 
@@ -141,3 +143,18 @@ def test_moved_resources_keys_still_work_with_a_one_line_deprecation(tmp_path: P
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().splitlines() == ["warning: resources.threads is deprecated; write it as runtime.threads"]
     assert load_spec(path).train_config("out").runtime.threads == 1
+
+
+def test_grid_masking_refuses_a_mask_ratio_it_would_ignore(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(base_spec()))
+    code, out = run_in_process(capsys, "plan", str(path), "--set", "model.mask_strategy=grid",
+                               "--set", "model.mask_ratio=0.5")
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "model.mask_ratio=0.5 has no effect" in lines[0], out
+    assert "set model.mask_ratio: 0.75" in lines[0]
+    code, out = run_in_process(capsys, "plan", str(path), "--set", "model.mask_strategy=grid")
+    assert code == 0, out  # the ratio grid masking implements
+    with pytest.raises(ValidationError, match="model.mask_ratio=0.9"):  # the trainer's own config refuses it too
+        ModelConfig(mask_strategy="grid", mask_ratio=0.9)

@@ -43,3 +43,16 @@ def test_plan_on_slurm_shows_the_recipe_and_the_sbatch_script(capsys: pytest.Cap
                  "#SBATCH --signal=USR2@120", "#SBATCH --time=4320", "#SBATCH --partition=gpu"):
         assert line in out, line
     assert "srun" in out and "submitit" in out
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.mask_strategy=grid"],  # the spec's grid over mask_ratio: 0.5 and 0.9 would train 0.75
+    ["sweep.grid={model.mask_strategy: [random, grid]}", "model.mask_ratio=0.5"],
+])
+def test_sweeping_a_mask_ratio_grid_masking_ignores_fails_at_plan(capsys: pytest.CaptureFixture[str],
+                                                                  overrides: list[str]) -> None:
+    args = [a for o in ["data.num_samples=2048", *overrides] for a in ("--set", o)]
+    code, out = run_in_process(capsys, "plan", ABLATION, *args)
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "sweep point" in lines[0], out
+    assert "model.mask_ratio=0.5 has no effect with model.mask_strategy=grid" in lines[0]

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer, load_weights
 from mae_core.config import TrainConfig
+from mae_core.contract import CHECKPOINTS_DIR, scan_checkpoints
+from mae_core.metrics_log import read_records
+from mae_core.optim import build_optimizer
 from mae_core.train import make_model
 from orchestrator.testing.specs import merge
 
@@ -25,6 +32,8 @@ TINY: dict[str, Any] = {
     "optim": {"epochs": 1, "global_batch": 32, "warmup_epochs": 0.5, "blr": 1e-3},
     "checkpoint": {"interval_steps": 100},
     "runtime": {"per_device_batch": 16, "threads": 1},
+    # One record per step: tests compare whole curves step by step.
+    "metrics": {"log_interval": 1, "flush_s": 2.0},
 }
 
 
@@ -42,8 +51,8 @@ def launch(config: Path, nproc: int = 1, timeout: float = 300) -> subprocess.Com
 
 
 def losses(output: str) -> list[float]:
-    lines = storage.read_bytes(storage.join(output, "metrics.jsonl")).decode().splitlines()
-    records = [json.loads(line) for line in lines]
+    """The run's curve, which must hold each step once, in order (a spec logging every step)."""
+    records = read_records(output)
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     return [r["loss"] for r in records]
 
@@ -53,3 +62,44 @@ def final_weights(config: Path) -> dict[str, torch.Tensor]:
     info = Checkpointer(storage.join(cfg.output, "checkpoints"), rank=0, world_size=1).latest()
     assert info is not None, f"no complete checkpoint under {cfg.output}"
     return load_weights(info, make_model(cfg)).state_dict()
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _flatten(v, f"{prefix}{i}.")
+    else:
+        yield prefix.rstrip("."), value
+
+
+def checkpoint_state(config: Path, step: int | None = None) -> dict[str, Any]:
+    """Everything a checkpoint holds for the model and the optimizer (parameters, AdamW moments and
+    step counts, param groups), as full tensors under dotted keys: the latest complete checkpoint
+    of the config's output, or the one at ``step``."""
+    cfg = TrainConfig.from_yaml(config)
+    complete, _ = scan_checkpoints(storage.join(cfg.output, CHECKPOINTS_DIR))
+    info = complete[-1] if step is None else next(c for c in complete if c.step == step)
+    model = make_model(cfg)
+    optimizer = build_optimizer(model, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # creates the optimizer state to load into
+    state = {"train": {"model": model_sd, "optim": optim_sd}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=FsspecReader(info.url), no_dist=True)
+    return dict(_flatten(state["train"]))
+
+
+def assert_same_state(a: dict[str, Any], b: dict[str, Any], exact: bool = True) -> None:
+    """Every tensor bit-identical (``exact``) or within float tolerance; other values equal."""
+    assert a.keys() == b.keys()
+    assert any(k.startswith("optim.state.") and k.endswith(".exp_avg_sq") for k in a)  # optimizer state is in
+    for k in a:
+        if not isinstance(a[k], torch.Tensor):
+            assert a[k] == b[k], k
+        elif exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)

@@ -10,15 +10,35 @@ import hashlib
 import io
 import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SCALE = (0.2, 1.0)
 RATIO = (3 / 4, 4 / 3)
+# What Pillow raises on bad image bytes: OSError for unidentified, truncated and corrupt data, the
+# others from plugins on malformed headers and tiles. Caught only around the calls that decode, so
+# the same types raised by a bug anywhere else still stop the run.
+DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError)
+
+
+class UnreadableImage(Exception):
+    """A sample's bytes are not an image Pillow can decode: a bad file, to skip, not a bug."""
+
+
+@contextmanager
+def _decoding() -> Iterator[None]:
+    try:
+        yield
+    except UnidentifiedImageError as e:  # its message holds only a buffer's address
+        raise UnreadableImage("not an image Pillow can read") from e
+    except DECODE_ERRORS as e:
+        raise UnreadableImage(f"{type(e).__name__}: {e}") from e
 
 
 def sample_rng(seed: int, epoch: int, sample_id: str) -> random.Random:
@@ -53,16 +73,22 @@ def crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, fl
 
 
 def augment(data: bytes, size: int, rng: random.Random, draft: bool = True) -> np.ndarray:
-    """Encoded image -> (size, size, 3) uint8 crop, flipped at random. Raises on undecodable data."""
-    img = Image.open(io.BytesIO(data))
+    """Encoded image -> (size, size, 3) uint8 crop, flipped at random.
+
+    Raises UnreadableImage when the bytes do not decode; any other exception is a bug.
+    """
+    with _decoding():
+        img = Image.open(io.BytesIO(data))
     full_w, full_h = img.size
     left, top, w, h = crop_box(full_w, full_h, rng)
     flip = rng.random() < 0.5
-    if draft:
-        # JPEG DCT scaling decodes at 1/2, 1/4 or 1/8 size for a fraction of the cost; ask only for a
-        # reduction that keeps the crop at least ``size`` pixels wide and high, so bicubic still
-        # downsamples. Other formats ignore the request.
-        img.draft("RGB", (math.ceil(full_w * size / w), math.ceil(full_h * size / h)))
+    with _decoding():
+        if draft:
+            # JPEG DCT scaling decodes at 1/2, 1/4 or 1/8 size for a fraction of the cost; ask only for
+            # a reduction that keeps the crop at least ``size`` pixels wide and high, so bicubic still
+            # downsamples. Other formats ignore the request.
+            img.draft("RGB", (math.ceil(full_w * size / w), math.ceil(full_h * size / h)))
+        img.load()  # decode here, so nothing after it can fail on the file's bytes
     if img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     sx, sy = img.size[0] / full_w, img.size[1] / full_h

@@ -35,3 +35,9 @@ class DataConfig(BaseModel):
         default=5, ge=0,
         description="retries, with exponential backoff, of a shard read that fails with a transient error",
     )
+    max_skip_fraction: float = Field(
+        default=0.01, ge=0, le=1,
+        description="share of its samples in an epoch that a rank may skip as undecodable (corrupt or missing "
+        "images) before the run fails naming their shards; each rank checks its own share, per layout "
+        "(a resume under another world size, worker count or batch starts the count again)",
+    )

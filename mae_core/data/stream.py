@@ -6,10 +6,18 @@ the plans of later epochs itself. In a worker, a background thread streams the w
 each unit in storage order while the worker decodes and augments them in shuffle-buffer order.
 Filesystems are created inside the worker that uses them, because s3fs instances do not survive
 a fork.
+
+A sample whose image is missing or does not decode is skipped and logged; any other error is a bug
+and ends the run with its traceback. A skipped slot repeats one of its batch's good samples; a
+batch with none takes the first good samples of its reader's range, so the fill is a function of
+the plan, and a resumed run reproduces it. Each rank counts the samples it skipped in its share of
+the epoch (under one layout) and fails once they pass ``data.max_skip_fraction`` of that share,
+checked batch by batch in plan order, so the same data fails at the same batch every time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -21,11 +29,10 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mae_core.data import dataset_size
-from mae_core.data.augment import augment, normalise, sample_rng
+from mae_core.data.augment import UnreadableImage, augment, normalise, sample_rng
 from mae_core.data.config import DataConfig
 from mae_core.data.order import (
     Layout,
@@ -42,6 +49,11 @@ from mae_core.data.sources import resolve
 log = logging.getLogger(__name__)
 
 PREFETCH_SAMPLES = 256  # read-ahead per worker: enough to hide an object-store round trip behind decoding
+SHOWN_SHARDS = 10  # bad shards a skip error names, so it stays one readable line
+
+
+class DataError(ValueError):
+    """Data this run cannot train on; the trainer reports it in one line."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,7 @@ class _RankStream(IterableDataset):
         self.counts = [u.samples for u in units]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, list[str], list[int]]]:
         info = get_worker_info()
         physical = 0 if info is None else info.id
         workers = self.layout.workers
@@ -90,7 +102,9 @@ class _RankStream(IterableDataset):
                                      epoch)
             first += per_epoch
 
-    def _batches(self, plan: _ReaderPlan, epoch: int) -> Iterator[tuple[torch.Tensor, list[str], int]]:
+    def _batches(self, plan: _ReaderPlan, epoch: int) -> Iterator[tuple[torch.Tensor | None, list[str], list[int]]]:
+        """(images, ids of the batch's decoded samples, unit of each skipped one); images are None
+        only when nothing in the reader's range decodes."""
         if not len(plan.needed):
             return
         unit_of = np.searchsorted(self.offsets, plan.arrival, side="right") - 1
@@ -101,9 +115,10 @@ class _RankStream(IterableDataset):
         stop = threading.Event()
         threading.Thread(target=self._read, args=(runs, arrived, stop), daemon=True).start()
         pending: dict[int, Sample] = {}
+        fallback: list[np.ndarray] | None = None
         try:
             for start in range(0, len(plan.needed), self.layout.batch_size):
-                images, ids = [], []
+                images, ids, skipped = [], [], []
                 for pos in plan.needed[start : start + self.layout.batch_size].tolist():
                     while pos not in pending:
                         item = arrived.get()
@@ -111,13 +126,39 @@ class _RankStream(IterableDataset):
                             raise item
                         pending[item[0]] = item[1]
                     sample = pending.pop(pos)
-                    image = self._decode(sample, self.units[int(unit_of[pos])], epoch)
-                    if image is not None:
-                        images.append(image)
+                    try:
+                        images.append(self._decode(sample, epoch))
                         ids.append(sample.id)
-                yield self._collate(images), ids, self.layout.batch_size - len(images)
+                    except UnreadableImage as e:
+                        unit = int(unit_of[pos])
+                        log.warning("data: skipped %s in %s: %s", sample.id, self.units[unit].url, e)
+                        skipped.append(unit)
+                if not images:
+                    if fallback is None:
+                        fallback = self._first_good(plan, unit_of, ordinal_of, epoch)
+                    images = fallback
+                yield (self._collate(images) if images else None), ids, skipped
         finally:
             stop.set()
+
+    def _first_good(self, plan: _ReaderPlan, unit_of: np.ndarray, ordinal_of: np.ndarray,
+                    epoch: int) -> list[np.ndarray]:
+        """Up to a batch of the first samples of the reader's range, in storage order, that decode.
+
+        Read apart from the prefetching thread, since a resumed reader streams only what is left;
+        only a batch with no good sample needs them. Their failures were or will be counted in
+        their own batches, so they are not counted here.
+        """
+        good: list[np.ndarray] = []
+        for u, positions in itertools.groupby(range(len(plan.arrival)), key=lambda p: unit_of[p]):
+            unit = self.units[int(u)]
+            fs = fsspec.core.url_to_fs(unit.url)[0]
+            for sample in read_unit(unit, fs, {int(ordinal_of[p]) for p in positions}, self.retries):
+                with contextlib.suppress(UnreadableImage):
+                    good.append(self._decode(sample, epoch))
+                if len(good) == self.layout.batch_size:
+                    return good
+        return good
 
     def _read(self, runs: list[tuple[int, dict[int, int]]], arrived: queue.Queue[Any],
               stop: threading.Event) -> None:
@@ -132,23 +173,15 @@ class _RankStream(IterableDataset):
         except Exception as e:  # handed over so the worker re-raises it instead of waiting forever
             _put(arrived, e, stop)
 
-    def _decode(self, sample: Sample, unit: Unit, epoch: int) -> np.ndarray | None:
+    def _decode(self, sample: Sample, epoch: int) -> np.ndarray:
+        """The sample's augmented crop. Raises UnreadableImage for a missing or undecodable image;
+        anything else is a bug and propagates."""
         if sample.data is None:
-            log.warning("data: skipped %s in %s: %s", sample.id, unit.url, sample.error)
-            return None
-        try:
-            return augment(sample.data, self.input_size, sample_rng(self.seed, epoch, sample.id))
-        except UnidentifiedImageError:  # its message holds only a buffer's address
-            log.warning("data: skipped %s in %s: not an image Pillow can read", sample.id, unit.url)
-        except Exception as e:  # one undecodable sample must not end the run, whatever the decoder raises
-            log.warning("data: skipped %s in %s: %s: %s", sample.id, unit.url, type(e).__name__, e)
-        return None
+            raise UnreadableImage(sample.error)
+        return augment(sample.data, self.input_size, sample_rng(self.seed, epoch, sample.id))
 
     def _collate(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Skipped slots repeat the batch's good samples, so every batch keeps its shape and every
-        rank its batch count; a batch with none left is all zeros (the mean image)."""
-        if not images:
-            return torch.zeros(self.layout.batch_size, 3, self.input_size, self.input_size)
+        """Skipped slots repeat good samples, so every batch keeps its shape and every rank its batch count."""
         filled = [images[i % len(images)] for i in range(self.layout.batch_size)]
         return normalise(np.stack(filled))
 
@@ -188,14 +221,16 @@ class StreamingSource:
         log.info("data: %d samples in %d units from %s, %d batches per epoch per rank", samples,
                  len(self.dataset.units), self.dataset.description, self.batches_per_epoch)
         self.finished: list[Segment] = []  # earlier segments of this epoch, read under other layouts
-        self.epoch, self.batches, self.skipped = 0, 0, 0
+        self.epoch, self.batches = 0, 0
+        self.skipped = 0  # samples skipped in this rank's share of the current segment, and their units
+        self.skipped_units: set[int] = set()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for images, _ in self.iter_with_ids():
             yield images
 
     def iter_with_ids(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
-        """Batches with the ids of the samples in them (skipped ones left out), for checks and tools."""
+        """Batches with the ids of the samples in them (skipped ones and their fill left out), for checks and tools."""
         layout = self.layout
         items = segment_items(self.dataset.counts, self.seed, self.epoch, self.finished)
         total = segment_batches(len(items), layout)
@@ -204,13 +239,36 @@ class StreamingSource:
         stream = _RankStream(self.dataset.units, layout, self.rank, self.seed, self.cfg.input_size,
                              self.cfg.io_retries, self.epoch, self.batches, total, plans)
         left = total - self.batches
+        share = total * layout.batch_size  # this rank's samples in the segment
         for images, ids, skipped in DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers):
             if left == 0:  # this batch opens the next epoch, read as one segment under this layout
                 self.epoch, self.finished, self.batches, left = self.epoch + 1, [], 0, self.batches_per_epoch
+                self.skipped, self.skipped_units = 0, set()
+                share = self.batches_per_epoch * layout.batch_size
             self.batches += 1
-            self.skipped += skipped
             left -= 1
+            self._count_skips(skipped, share)
+            if images is None:
+                raise DataError(f"data: no sample in a loader worker's share of epoch {self.epoch} on rank "
+                                f"{self.rank} decodes, so a batch of unreadable samples has nothing to repeat; "
+                                f"they are in {self._bad_shards()}; replace or remove those shards")
             yield images, ids
+
+    def _count_skips(self, units: list[int], share: int) -> None:
+        """Counted in the main process in plan order, so the same data fails at the same batch every time."""
+        self.skipped += len(units)
+        self.skipped_units.update(units)
+        limit = self.cfg.max_skip_fraction
+        if self.skipped > limit * share:
+            raise DataError(f"data: rank {self.rank} skipped {self.skipped} of its {share} samples in epoch "
+                            f"{self.epoch} as undecodable, more than data.max_skip_fraction={limit} allows; they "
+                            f"are in {self._bad_shards()}; replace or remove those shards, or raise "
+                            "data.max_skip_fraction")
+
+    def _bad_shards(self) -> str:
+        urls = sorted({self.dataset.units[u].url for u in self.skipped_units})
+        more = len(urls) - SHOWN_SHARDS
+        return ", ".join(urls[:SHOWN_SHARDS]) + (f" and {more} more" if more > 0 else "")
 
     def state_dict(self) -> dict[str, Any]:
         segments = [*self.finished, Segment(self.layout, self.batches)]
@@ -221,6 +279,8 @@ class StreamingSource:
             "seed": self.seed,
             "samples": self.dataset.samples,
             "units": len(self.dataset.units),
+            "skipped": self.skipped,
+            "skipped_units": sorted(self.skipped_units),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -239,8 +299,11 @@ class StreamingSource:
         self.epoch = int(state["epoch"])
         if segments and segments[-1].layout == self.layout:
             self.finished, self.batches = segments[:-1], segments[-1].batches
-        else:  # another layout reads the rest of the epoch as a new segment
+            # .get: states saved before skips were checkpointed have neither key
+            self.skipped, self.skipped_units = int(state.get("skipped", 0)), set(state.get("skipped_units", []))
+        else:  # another layout reads the rest of the epoch as a new segment, with a count of its own
             self.finished, self.batches = segments, 0
+            self.skipped, self.skipped_units = 0, set()
 
     def metrics(self) -> dict[str, float]:
         return {"data/skipped": float(self.skipped)}

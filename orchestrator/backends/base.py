@@ -47,5 +47,6 @@ def reconcile(registry: Registry, backend: Backend, state: RunState) -> RunState
     ended = backend.status(registry, state)
     if ended is None:
         return state
-    return registry.update(state.experiment, state.run_id, status=ended.status, ended=time.time(),
-                           message=ended.message)
+    # A run that was asked to stop and whose process is gone is cancelled, however it went.
+    status = "cancelled" if state.status == "cancelling" else ended.status
+    return registry.update(state.experiment, state.run_id, status=status, ended=time.time(), message=ended.message)

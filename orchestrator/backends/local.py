@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,10 +59,17 @@ class LocalBackend:
         return None
 
     def cancel(self, registry: Registry, state: RunState) -> None:
-        # The runner polls for the request, checkpoints and marks the run cancelled.
         registry.request_cancel(state)
-        if state.status in ("pending", "preempted"):
-            registry.update(state.experiment, state.run_id, status="cancelled", ended=time.time())
+        here = state.host in (None, os.uname().nodename)
+        if state.status in ("running", "cancelling") and state.pid and here and _alive(state.pid):
+            # The runner forwards TERM to the trainer, which checkpoints and stops; the runner then
+            # records the run cancelled. Until then it is cancelling, so no resume starts beside it.
+            registry.update(state.experiment, state.run_id, owner=state.attempts, status="cancelling")
+            os.kill(state.pid, signal.SIGTERM)
+        elif state.status in ("pending", "preempted") or not (state.pid and here and _alive(state.pid)):
+            registry.update(state.experiment, state.run_id, status="cancelled", ended=time.time(),
+                            message=f"cancelled; {RESUME_HINT}")
+        # else: queued for a slot; its supervisor sees the request and records the run cancelled.
 
     def logs(self, registry: Registry, state: RunState, attempt: int | None = None) -> str:
         return registry.read_logs(state, attempt or max(1, state.attempts))
@@ -102,6 +110,10 @@ def main() -> int:
     parser.add_argument("nproc", type=int)
     parser.add_argument("slots", type=int)
     args = parser.parse_args()
+    # A cancel's TERM (``LocalBackend.cancel``) may come before the runner forwards it to the
+    # trainer; the registry's cancel request then stops the run, and this process must not die
+    # leaving its run without an end.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     registry = Registry(args.root)
     state = registry.update(args.experiment, args.run_id, pid=os.getpid())
     slot = acquire_slot(args.slots, registry, state)

@@ -40,7 +40,6 @@ import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mae_core import storage
@@ -52,11 +51,12 @@ from orchestrator.registry import ACTIVE, Registry, RunState
 from orchestrator.runner import (
     POLL_S,
     RESUME_HINT,
-    UPLOAD_S,
+    AttemptWatch,
+    LogUpload,
+    attempt_env,
     begin_attempt,
     error_line,
     finish_attempt,
-    progress,
     train_config_file,
 )
 from orchestrator.secrets import redact
@@ -71,6 +71,8 @@ log = logging.getLogger("maestro.ray")
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 SUPERVISOR_FILE = ".ray-supervisor.json"
 LIVE = {"PENDING", "RUNNING"}
+# A driver that just ended may still be writing the run's end into the registry.
+RECORDING_S = 20.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -174,18 +176,20 @@ class RayBackend:
                 return None  # waiting for a slot
             return Ended("failed", f"queued, but the supervisor job that starts the experiment's runs has ended; "
                                    f"{RESUME_HINT}")
-        if time.time() - state.updated < 2 * UPLOAD_S:
+        if time.time() - state.updated < RECORDING_S:
             return None  # the driver is recording the end right now
         return Ended("failed", f"Ray job {job_id} ended {job or 'unknown to the cluster'} without the run "
                                f"recording an end; {RESUME_HINT}")
 
     def cancel(self, registry: Registry, state: RunState) -> None:
         # A training run's first worker sees the request, and the trainer checkpoints and stops;
-        # its driver records the end. A run that is not training yet just goes.
+        # its driver records the end. Until then the run is cancelling. A run that is not
+        # training yet just goes.
         registry.request_cancel(state)
         job_id = state.job_ids[-1] if state.job_ids else None
         job = self.job_status(job_id) if job_id else None
-        if state.status in ("running", "requeued") and job in LIVE:
+        if state.status in ("running", "requeued", "cancelling") and job in LIVE:
+            registry.update(state.experiment, state.run_id, owner=state.attempts, status="cancelling")
             return
         if job == "PENDING" and job_id:
             self.client.stop_job(job_id)
@@ -312,9 +316,9 @@ def fit_attempt(registry: Registry, profile: RayProfile, state: RunState) -> tup
         if cancelled_at is None and registry.cancel_requested(state):
             cancelled_at = time.monotonic()
         if cancelled_at is not None and time.monotonic() - cancelled_at > profile.cancel_grace_s:
-            registry.update(state.experiment, state.run_id, status="cancelled", ended=time.time(), pid=None,
-                            message=f"cancelled after {profile.cancel_grace_s:.0f} s without a checkpoint; "
-                            f"{RESUME_HINT}")
+            registry.update(state.experiment, state.run_id, owner=state.attempts, status="cancelled",
+                            ended=time.time(), pid=None, message=f"cancelled after {profile.cancel_grace_s:.0f} s "
+                            f"without a checkpoint; {RESUME_HINT}")
             registry.event(state, "cancelled", reason="grace period over; stopped without a checkpoint")
             os._exit(1)
     if "code" in outcome:
@@ -351,7 +355,7 @@ def train_worker(config: dict[str, Any]) -> None:
     registry = Registry(config["root"])
     experiment, run_id, attempt = config["experiment"], config["run_id"], int(config["attempt"])
     state = registry.state(experiment, run_id)
-    env = dict(os.environ)
+    env = attempt_env(state)
     env.update(rendezvous_env(rank, ctx.get_local_rank(), world, ctx.get_local_world_size(), master[0], master[1]))
     with train_config_file(registry, experiment, run_id) as cfg:
         log_path = cfg.parent / "train.log"
@@ -361,52 +365,23 @@ def train_worker(config: dict[str, Any]) -> None:
             worker = {"attempt": attempt, "worker_pid": os.getpid(), "trainer_pid": proc.pid,
                       "host": socket.gethostname()}
             registry.record_worker(state, rank, worker)
-            watch = _Watch(registry, state, rank, log_path, float(config["hang_timeout_s"]))
+            # The first rank watches for cancel requests and hangs; every rank uploads its own log.
+            watch = AttemptWatch(registry, state, log_path, float(config["hang_timeout_s"]), rank) if rank == 0 \
+                else None
             while proc.poll() is None:
                 try:
                     proc.wait(timeout=POLL_S)
                 except subprocess.TimeoutExpired:
-                    watch.poll(proc)
-        code = exit_status(proc.returncode, watch.signalled)
-        storage.write_bytes(registry.log_url(state, attempt, rank), log_path.read_bytes())
+                    if watch:
+                        watch.poll(proc)
+        code = exit_status(proc.returncode, [signal.SIGTERM] if watch and watch.cancelling else [])
+        LogUpload(registry, state, log_path, rank)()
         last_error = error_line(log_path)
-    if watch.hung:
+    if watch and watch.hung:
         raise RuntimeError(f"rank {rank}: hung: no training step for {watch.hang_timeout_s:.0f} s; stopped")
     if code not in (0, PREEMPTED_EXIT_CODE):
         raise RuntimeError(f"rank {rank}: the trainer exited {code}: {last_error}")
     registry.record_worker(state, rank, {**worker, "exit_code": code})
-
-
-class _Watch:
-    """The first rank's eyes on its trainer: cancel requests, progress in the registry, hangs."""
-
-    def __init__(self, registry: Registry, state: RunState, rank: int, log_path: Path, hang_timeout_s: float) -> None:
-        self.registry, self.state, self.rank, self.log_path = registry, state, rank, log_path
-        self.hang_timeout_s = hang_timeout_s
-        self.signalled = self.hung = False
-        self.last_upload = time.monotonic()
-        self.last_step, self.last_change = state.step, time.monotonic()
-
-    def poll(self, proc: subprocess.Popen[bytes]) -> None:
-        if self.rank != 0:
-            return
-        registry, state = self.registry, self.state
-        if not self.signalled and registry.cancel_requested(state):
-            self.signalled = True
-            proc.send_signal(signal.SIGTERM)  # checkpoint at the next step, then exit "preempted"
-        if time.monotonic() - self.last_upload < UPLOAD_S:
-            return
-        fields: dict[str, Any] = progress(registry, state)
-        if fields.get("step", self.last_step) != self.last_step:
-            self.last_step, self.last_change = fields["step"], time.monotonic()
-            fields["heartbeat"] = time.time()
-        self.state = registry.update(state.experiment, state.run_id, **fields)
-        storage.write_bytes(registry.log_url(state, state.attempts), self.log_path.read_bytes())
-        self.last_upload = time.monotonic()
-        if time.monotonic() - self.last_change > self.hang_timeout_s and not self.hung:
-            self.hung = True
-            registry.event(self.state, "hung", step=self.last_step, timeout_s=self.hang_timeout_s)
-            proc.kill()
 
 
 def _die_with_parent() -> None:

@@ -36,6 +36,8 @@ from orchestrator.spec import ExperimentSpec
 SUBMITIT_MAX_TIMEOUTS = 1_000_000
 # A USR2 this close to the time limit (beyond signal_delay_s) is the time-limit warning.
 TIMEOUT_SLACK_S = 60
+# What squeue's %L means by UNLIMITED, as seconds: a job without a limit cannot time out.
+UNLIMITED_S = 10**9
 # SLURM states after which no task runs any more.
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # Without a heartbeat for this long, an ended SLURM job's run is taken to have died.
@@ -108,17 +110,28 @@ def node_address(node: str) -> str:
     return found.group(1) if found else node
 
 
-def stop_reason(profile: SlurmProfile) -> StopReason:
-    left = time_left_s(os.environ.get("SLURM_JOB_ID", ""))
-    return "timeout" if left is not None and left <= profile.signal_delay_s + TIMEOUT_SLACK_S else "preempted"
+def stop_reason(profile: SlurmProfile, attempts: int = 3) -> StopReason | None:
+    """Why SLURM signalled the job: the time limit when little of it is left, else preemption.
+    None when SLURM cannot be asked (after retries): the runner then counts a failure rather
+    than guess an unlimited preemption."""
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    for attempt in range(attempts):
+        left = time_left_s(job_id)
+        if left is not None:
+            return "timeout" if left <= profile.signal_delay_s + TIMEOUT_SLACK_S else "preempted"
+        time.sleep(2.0 * (attempt + 1))
+    return None
 
 
 def time_left_s(job_id: str) -> int | None:
+    """Seconds left of the job's time limit (a large number for UNLIMITED); None if squeue fails."""
     try:
         out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    if out == "UNLIMITED":
+        return UNLIMITED_S
     return parse_duration(out)
 
 
@@ -161,6 +174,16 @@ def sbatch_text(executor: submitit.SlurmExecutor) -> str:
     return executor._make_submission_file_text(executor._submitit_command_str, uid="plan")
 
 
+class _PlanExecutor(submitit.SlurmExecutor):
+    """A SlurmExecutor that only renders scripts. The real one refuses to exist where ``srun`` is
+    not on the PATH (its ``affinity`` probe); a plan is made on laptops, without SLURM, and needs
+    only the parameter checks and the rendering, which this keeps unchanged."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
 class SlurmBackend:
     name = "slurm"
 
@@ -189,14 +212,15 @@ class SlurmBackend:
         }
         return {k: v for k, v in params.items() if v is not None}
 
-    def executor(self, spec: ExperimentSpec) -> submitit.SlurmExecutor:
-        executor = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=SUBMITIT_MAX_TIMEOUTS)
+    def executor(self, spec: ExperimentSpec,
+                 kind: type[submitit.SlurmExecutor] = submitit.SlurmExecutor) -> submitit.SlurmExecutor:
+        executor = kind(folder=self.folder / "%j", max_num_timeout=SUBMITIT_MAX_TIMEOUTS)
         executor.update_parameters(**self.parameters(spec))
         return executor
 
     def sbatch_script(self, spec: ExperimentSpec) -> str:
-        """The script ``submit`` would hand to sbatch for one run of this spec."""
-        return sbatch_text(self.executor(spec))
+        """The script ``submit`` would hand to sbatch for one run of this spec; on any machine."""
+        return sbatch_text(self.executor(spec, _PlanExecutor))
 
     def submit(self, registry: Registry, runs: list[RunState]) -> list[str]:
         groups: dict[str, list[tuple[RunState, ExperimentSpec]]] = {}
@@ -234,12 +258,16 @@ class SlurmBackend:
 
     def cancel(self, registry: Registry, state: RunState) -> None:
         registry.request_cancel(state)
-        if state.job_ids:
-            job_id = state.job_ids[-1]
-            # A running job is asked to checkpoint and stop (the trainer's TERM path); a queued one goes.
-            graceful = slurm_state(job_id) == "RUNNING"
-            argv = ["scancel", "--signal=TERM", job_id] if graceful else ["scancel", job_id]
-            subprocess.run(argv, capture_output=True, timeout=60, check=False)
+        job_id = state.job_ids[-1] if state.job_ids else None
+        if job_id and slurm_state(job_id) == "RUNNING" and state.status in ("running", "cancelling"):
+            # Checkpoint and stop: cancelling until the attempt's runner records the end, so a
+            # resume cannot start a second attempt beside it. Marked before the signal, so the
+            # runner's own end is always the later write.
+            registry.update(state.experiment, state.run_id, owner=state.attempts, status="cancelling")
+            subprocess.run(["scancel", "--signal=TERM", job_id], capture_output=True, timeout=60, check=False)
+            return
+        if job_id:  # queued, or between attempts: nothing trains, so it just goes
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=60, check=False)
         registry.update(state.experiment, state.run_id, status="cancelled", ended=time.time(),
                         message=f"cancelled; {RESUME_HINT}")
 

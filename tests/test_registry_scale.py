@@ -1,0 +1,200 @@
+"""The registry at the scale of a grid: submit writes in batches, `ls` reads in batches, and the
+request count per run stays constant, counted at the S3 client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mae_core import storage
+from mae_core.progress import write_progress
+from orchestrator import cli
+from orchestrator.profiles import Profile, load_profile
+from orchestrator.registry import STATES, Registry, RunState
+from orchestrator.spec import Derived, ExperimentSpec
+from orchestrator.sweep import PlannedRun, expand
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def grid(runs: int, name: str = "grid") -> tuple[list[PlannedRun], Profile, dict[str, int]]:
+    spec = ExperimentSpec.model_validate({
+        "name": name, "model": {"arch": "mae_vit_micro_patch4"}, "data": {"num_samples": 256, "input_size": 32},
+        "optim": {"epochs": 1, "global_batch": 32}, "resources": {"gpus_per_node": 1, "per_device_batch": 32},
+        "cluster": str(REPO / "cluster_configs/local.yaml"), "sweep": {"grid": {"seed": list(range(runs))}}})
+    planned = expand(spec)
+    return planned, load_profile(spec.cluster), {r.run_id: Derived.of(r.spec).total_steps for r in planned}
+
+
+class Requests:
+    """S3 API calls made through s3fs, by operation, and the most GETs in flight at once."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.in_flight = self.most_in_flight = 0
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.most_in_flight = 0
+
+
+@pytest.fixture
+def requests(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Requests]:
+    import s3fs
+
+    seen = Requests()
+    call = s3fs.S3FileSystem._call_s3
+
+    async def counted(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        seen.calls[method] += 1
+        seen.in_flight += 1
+        seen.most_in_flight = max(seen.most_in_flight, seen.in_flight)
+        try:
+            return await call(self, method, *args, **kwargs)
+        finally:
+            seen.in_flight -= 1
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    yield seen
+
+
+def test_submit_of_a_grid_lists_once_and_writes_each_file_once(s3_bucket: str, requests: Requests) -> None:
+    registry = Registry(f"{s3_bucket}/registry")
+    counts = {}
+    for size in (10, 40):
+        runs, profile, steps = grid(size, name=f"grid{size}")
+        requests.reset()
+        new = registry.create_many(runs, profile, steps)
+        assert [s.run_id for s in new] == [r.run_id for r in runs]
+        counts[size] = dict(requests.calls)
+        # spec.yaml, cluster.yaml, state.json, events.jsonl and the listing mirror: one PUT each.
+        assert requests.calls.pop("put_object") == 5 * size
+        assert requests.most_in_flight > 1
+    # What is not a PUT (the existence check) does not grow with the grid: no HEAD or GET per run.
+    assert counts[10].keys() - {"put_object"} == counts[40].keys() - {"put_object"} == {"list_objects_v2"}
+    assert counts[10]["list_objects_v2"] == counts[40]["list_objects_v2"] <= 2
+
+    runs, profile, steps = grid(40, name="grid40")
+    for run in runs:
+        state = registry.state(run.experiment, run.run_id)
+        assert state.status == "pending" and state.total_steps == steps[run.run_id] and state.backend == "local"
+        assert registry.spec(run.experiment, run.run_id) == run.spec
+        assert registry.profile(run.experiment, run.run_id) == profile
+        [created] = registry.events(run.experiment, run.run_id)
+        assert created["event"] == "created" and created["swept"] == run.swept
+    assert {s.run_id for s in registry.runs("grid40")} == set(steps)
+
+    # Resubmitting creates nothing and writes nothing.
+    requests.reset()
+    assert registry.create_many(runs, profile, steps) == []
+    assert "put_object" not in requests.calls
+
+
+def test_submit_cut_short_is_completed_by_the_next(tmp_path: Path) -> None:
+    # A run counts as created once its listing mirror exists, which is written last.
+    registry = Registry(str(tmp_path / "registry"))
+    runs, profile, steps = grid(3)
+    registry.create_many(runs, profile, steps)
+    storage.remove(storage.join(registry.root, "grid", STATES, f"{runs[1].run_id}.json"))
+    assert [s.run_id for s in registry.create_many(runs, profile, steps)] == [runs[1].run_id]
+    assert len(registry.runs("grid")) == 3
+    assert [e["event"] for e in registry.events("grid", runs[1].run_id)] == ["created"]
+
+
+def test_ls_on_s3_fetches_changed_states_concurrently_without_a_head_each(s3_bucket: str,
+                                                                           requests: Requests) -> None:
+    root = f"{s3_bucket}/registry"
+    writer = Registry(root)
+    for i in range(30):
+        writer.write_state(RunState(experiment="grid", run_id=f"r{i:02d}", step=i))
+    requests.reset()
+    assert [s.step for s in Registry(root).runs("grid")] == list(range(30))
+    # 30 states and the (absent) index: one GET each, several in flight, one listing, no HEAD.
+    assert requests.calls["get_object"] == 31 and requests.most_in_flight > 1
+    assert "head_object" not in requests.calls
+    assert requests.calls["list_objects_v2"] <= 2
+
+    writer.update("grid", "r07", step=700)
+    requests.reset()
+    assert Registry(root).runs("grid")[7].step == 700
+    assert requests.calls["get_object"] == 2  # the index, then the one state that changed
+    assert "head_object" not in requests.calls
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_progress_overlay_shows_a_running_runs_progress_json(tmp_path: Path, request: pytest.FixtureRequest,
+                                                             capsys: pytest.CaptureFixture[str], where: str) -> None:
+    root = str(tmp_path / "registry") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/registry"
+    registry = Registry(root)
+    running = RunState(experiment="grid", run_id="live", status="running", step=5, total_steps=1000, loss=0.9)
+    done = RunState(experiment="grid", run_id="done", status="completed", step=1000, total_steps=1000, loss=0.4)
+    quiet = RunState(experiment="grid", run_id="quiet", status="running", step=7, total_steps=1000)
+    for state in (running, done, quiet):
+        registry.write_state(state)
+    write_progress(registry.run_url("grid", "live"), 421, loss=0.625, img_s=1234.5)
+    # A finished run's last progress record is not newer than what its end recorded.
+    write_progress(registry.run_url("grid", "done"), 999, loss=0.5)
+
+    shown = {s.run_id: s for s in registry.with_progress(registry.runs("grid"))}
+    live = shown["live"]
+    assert (live.step, live.loss, live.img_s) == (421, 0.625, 1234.5)
+    assert live.heartbeat is not None and time.time() - live.heartbeat < 60
+    assert (shown["done"].step, shown["done"].loss) == (1000, 0.4)
+    assert shown["quiet"].step == 7  # no progress.json yet
+    assert registry.state("grid", "live").step == 5  # nothing written back
+
+    cli.list_runs("grid", root=root)
+    table = capsys.readouterr().out
+    assert "421/1000" in table and "1000/1000" in table and "999/1000" not in table
+
+
+def test_progress_overlay_fetches_only_training_runs(s3_bucket: str, requests: Requests) -> None:
+    registry = Registry(f"{s3_bucket}/registry")
+    states = [RunState(experiment="grid", run_id=f"r{i}", status="running" if i < 3 else "completed")
+              for i in range(10)]
+    for state in states:
+        write_progress(registry.run_url("grid", state.run_id), 50)
+    requests.reset()
+    shown = registry.with_progress(states)
+    assert [s.step for s in shown] == [50] * 3 + [0] * 7
+    assert dict(requests.calls) == {"get_object": 3}
+
+
+def test_reader_never_sees_a_torn_file_while_a_grid_is_created(tmp_path: Path) -> None:
+    registry = Registry(str(tmp_path / "registry"))
+    runs, profile, steps = grid(150)
+    states_dir = tmp_path / "registry" / "grid" / STATES
+    stop = threading.Event()
+    read: list[str] = []
+    torn: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            # A run's mirror is written last, so once it shows, every file of the run is whole.
+            for path in states_dir.glob("*.json") if states_dir.exists() else []:
+                run_dir = tmp_path / "registry" / "grid" / path.stem
+                try:
+                    for blob in (path.read_bytes(), (run_dir / "state.json").read_bytes()):
+                        json.loads(blob)
+                    [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+                    read.append(path.stem)
+                except (OSError, ValueError) as e:
+                    torn.append(f"{path}: {e!r}")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        registry.create_many(runs, profile, steps)
+        time.sleep(0.2)  # the reader's last pass sees every run
+    finally:
+        stop.set()
+        thread.join()
+    assert not torn
+    assert set(read) == set(steps)
