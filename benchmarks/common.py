@@ -89,6 +89,12 @@ class OtherLoad:
             return None
         return self.other / (self.wall * (os.cpu_count() or 1))
 
+    def footer(self, began: float) -> str:
+        """The line every benchmark ends with: cores, the other load, and its own run time."""
+        share = "n/a" if self.share is None else f"{100 * self.share:.0f}%"
+        return (f"{os.cpu_count()} cores; other processes took {share} of the CPU during the timed part "
+                f"(above ~10%, rerun); total {time.perf_counter() - began:.0f} s")
+
 
 @contextmanager
 def counted_requests() -> Iterator[Counter[str]]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -265,9 +264,7 @@ def main() -> None:
         table.add_row(kind, "" if runs is None else f"{runs:,}", what, f"{statistics.median(times):.3f}",
                       ", ".join(f"{t:.2f}" for t in times), ratio)
     console.print(table)
-    share = "n/a" if load.share is None else f"{100 * load.share:.0f}%"
-    console.print(f"{os.cpu_count()} cores; other processes took {share} of the CPU during the timed part "
-                  f"(above ~10%, rerun); total {time.perf_counter() - began:.0f} s")
+    console.print(load.footer(began))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ On S3 it also counts the requests each path sends, by operation, through s3fs.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -143,9 +142,7 @@ def main() -> None:
         table.add_row(kind, what, f"{statistics.median(times):.2f}", ", ".join(f"{t:.2f}" for t in times), requests,
                       ratio)
     console.print(table)
-    share = "n/a" if load.share is None else f"{100 * load.share:.0f}%"
-    console.print(f"{os.cpu_count()} cores; other processes took {share} of the CPU during the timed part "
-                  f"(above ~10%, rerun); total {time.perf_counter() - began:.0f} s")
+    console.print(load.footer(began))
 
 
 if __name__ == "__main__":

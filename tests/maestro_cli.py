@@ -8,9 +8,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer, load_weights
@@ -107,3 +110,17 @@ def attempts_one_at_a_time(registry: Registry, state: RunState) -> None:
             open_attempt = True
         elif e["event"] in ends:
             open_attempt = False
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_small_spec(tmp_path: Path, cluster: Path | None = None, **over: Any) -> Path:
+    """A small valid spec (experiment ``exp``, local cluster unless ``cluster``) for CLI tests
+    that plan or refuse it rather than train it."""
+    raw: dict[str, Any] = {"name": "exp", "data": {"num_samples": 512}, "optim": {"global_batch": 64},
+                           "resources": {"per_device_batch": 32, "gpus_per_node": 2},
+                           "cluster": str(cluster or REPO / "cluster_configs/local.yaml"), **over}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

@@ -12,23 +12,12 @@ from typing import Any
 
 import pytest
 import yaml
-from maestro_cli import maestro, run_in_process
+from maestro_cli import REPO, maestro, run_in_process, write_small_spec
 
 from orchestrator.profiles import load_profile
 from orchestrator.registry import Registry
 from orchestrator.spec import load_spec
 from orchestrator.sweep import expand
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_spec(tmp_path: Path, cluster: Path | None = None, **over: Any) -> Path:
-    raw: dict[str, Any] = {"name": "exp", "data": {"num_samples": 512}, "optim": {"global_batch": 64},
-                           "resources": {"per_device_batch": 32, "gpus_per_node": 2},
-                           "cluster": str(cluster or REPO / "cluster_configs/local.yaml"), **over}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def write_profile(tmp_path: Path, **fields: Any) -> Path:
@@ -53,7 +42,7 @@ def one_line_error(out: str) -> str:
 ])
 def test_trailing_newline_in_a_profile_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    profile: dict[str, Any], field: str) -> None:
-    spec = write_spec(tmp_path, write_profile(tmp_path, **profile))
+    spec = write_small_spec(tmp_path, write_profile(tmp_path, **profile))
     code, out = run_in_process(capsys, "plan", str(spec))
     assert code == 2 and field in one_line_error(out)
 
@@ -64,12 +53,12 @@ def test_trailing_newline_in_a_profile_is_refused(tmp_path: Path, capsys: pytest
 ])
 def test_trailing_newline_in_a_spec_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                 over: dict[str, Any], field: str) -> None:
-    code, out = run_in_process(capsys, "plan", str(write_spec(tmp_path, **over)))
+    code, out = run_in_process(capsys, "plan", str(write_small_spec(tmp_path, **over)))
     assert code == 2 and field in one_line_error(out)
 
 
 def test_name_override_with_a_trailing_newline_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run_in_process(capsys, "plan", str(write_spec(tmp_path)), "--set", 'name="exp\\n"')
+    code, out = run_in_process(capsys, "plan", str(write_small_spec(tmp_path)), "--set", 'name="exp\\n"')
     assert code == 2 and "name" in one_line_error(out)
 
 
@@ -78,7 +67,7 @@ def test_name_override_with_a_trailing_newline_is_refused(tmp_path: Path, capsys
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
     """A registry holding one run, and a run-shaped folder next to it that no target may reach."""
-    spec = load_spec(write_spec(tmp_path))
+    spec = load_spec(write_small_spec(tmp_path))
     registry = Registry(str(tmp_path / "registry"))
     [run] = expand(spec)
     assert registry.create(run, load_profile(spec.cluster), total_steps=16)

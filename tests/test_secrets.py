@@ -8,21 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
-from maestro_cli import maestro, run_in_process, wait_for
+from maestro_cli import maestro, run_in_process, wait_for, write_small_spec
 
 from orchestrator.registry import Registry
 
-REPO = Path(__file__).resolve().parents[1]
 CANARY = "canary-5d0e9c2a7b41f3"
-
-
-def write_spec(tmp_path: Path, cluster: Path | None = None, **over: Any) -> Path:
-    raw: dict[str, Any] = {"name": "secrets", "data": {"num_samples": 512}, "optim": {"global_batch": 64},
-                           "resources": {"per_device_batch": 32, "gpus_per_node": 2},
-                           "cluster": str(cluster or REPO / "cluster_configs/local.yaml"), **over}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def refused(capsys: pytest.CaptureFixture[str], *args: str) -> str:
@@ -54,7 +44,7 @@ def test_credentials_in_a_profile_are_refused_without_showing_them(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], profile: dict[str, Any], field: str) -> None:
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(profile))
-    line = refused(capsys, "plan", str(write_spec(tmp_path, path)))
+    line = refused(capsys, "plan", str(write_small_spec(tmp_path, path)))
     assert f" {field} carries a credential" in line
 
 
@@ -70,19 +60,19 @@ def test_credentials_in_a_profile_are_refused_without_showing_them(
 ])
 def test_credentials_in_a_spec_are_refused_without_showing_them(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], over: dict[str, Any], field: str) -> None:
-    line = refused(capsys, "plan", str(write_spec(tmp_path, **over)))
+    line = refused(capsys, "plan", str(write_small_spec(tmp_path, **over)))
     assert f" {field} carries a credential" in line
 
 
 def test_a_credential_given_with_set_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    line = refused(capsys, "plan", str(write_spec(tmp_path)), "--set", f"data.url=s3://b/x?X-Amz-Credential={CANARY}")
+    line = refused(capsys, "plan", str(write_small_spec(tmp_path)), "--set", f"data.url=s3://b/x?X-Amz-Credential={CANARY}")
     assert " data.url carries a credential" in line
 
 
 def test_field_names_that_look_like_credentials_are_not_refused(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     # model.mask_tokens_in_encoder contains TOKEN; only values are judged in a spec.
-    code, out = run_in_process(capsys, "plan", str(write_spec(tmp_path, model={"mask_tokens_in_encoder": True})))
+    code, out = run_in_process(capsys, "plan", str(write_small_spec(tmp_path, model={"mask_tokens_in_encoder": True})))
     assert code == 0, out
 
 
@@ -96,7 +86,7 @@ def test_no_credential_reaches_the_registry_logs_or_checkpoints(
     monkeypatch.setenv("MAESTRO_CANARY", CANARY)
     monkeypatch.setenv("MAESTRO_STATE_DIR", str(tmp_path / "state"))
     root = f"{s3_bucket}/registry"
-    spec = write_spec(tmp_path, name="canary", seed=1, model={"arch": "mae_vit_micro_patch4"},
+    spec = write_small_spec(tmp_path, name="canary", seed=1, model={"arch": "mae_vit_micro_patch4"},
                       data={"num_samples": 128, "input_size": 32},
                       optim={"epochs": 2, "global_batch": 32, "blr": 1e-3},
                       resources={"gpus_per_node": 2, "per_device_batch": 16}, runtime={"threads": 1},
