@@ -278,6 +278,46 @@ def resume(target: TargetArg, root: RootOpt = None) -> None:
         console.print(f"resuming {state.key} from step {state.last_checkpoint_step or 0}")
 
 
+@app.command()
+def plot(target: TargetArg, output: Annotated[str, typer.Option("-o", "--output", help="PNG to write")] = "loss.png",
+         metric: Annotated[str, typer.Option(help="the scalar to plot (loss, lr, grad_norm, img_s, ...)")] = "loss",
+         root: RootOpt = None) -> None:
+    """Curves of an experiment's runs (or one run) against epochs, labelled by swept values."""
+    from orchestrator.plot import plot_runs  # matplotlib: loaded only by the commands that draw
+
+    registry = registry_for(root)
+    curves = plot_runs(registry, registry.resolve(target), output, metric)
+    console.print(f"wrote {output}: {metric} of {len(curves)} run(s)")
+
+
+@app.command()
+def viz(run: RunArg, step: Annotated[int | None, typer.Option(help="checkpoint step; default the latest")] = None,
+        images: Annotated[int, typer.Option(help="rows: images from the run's dataset")] = 8,
+        mask_ratio: Annotated[float | None, typer.Option(help="default: the run's own")] = None,
+        seed: Annotated[int, typer.Option(help="chooses the images' masks")] = 0,
+        output: Annotated[str, typer.Option("-o", "--output", help="PNG to write")] = "recon.png",
+        root: RootOpt = None) -> None:
+    """MAE reconstructions from a checkpoint: masked input, reconstruction, original (Figure 2)."""
+    from orchestrator.viz import render_reconstructions
+
+    registry = registry_for(root)
+    [state] = registry.resolve(run)[:1]
+    used = render_reconstructions(registry, state, output, step=step, images=images, mask_ratio=mask_ratio,
+                                  seed=seed)
+    console.print(f"wrote {output}: {images} image(s) from {state.key} at step {used}")
+
+
+@app.command("sync-tb")
+def sync_tb(destination: Annotated[str, typer.Argument(metavar="DEST", help="local folder for tensorboard")],
+            experiment: ExperimentArg = None, root: RootOpt = None) -> None:
+    """Copy runs' TensorBoard event files into DEST/<experiment>/<run_id>/ (new files only)."""
+    from orchestrator.tensorboard import sync
+
+    registry = registry_for(root)
+    copied = sync(registry, registry.runs(experiment), destination)
+    console.print(f"copied {copied} event file(s); run `tensorboard --logdir {destination}`")
+
+
 @app.command("schema")
 def print_schema() -> None:
     """The spec's JSON Schema, for editor completion of YAML specs."""

@@ -71,6 +71,7 @@ class StaleAttempt(RuntimeError):
 class RunState(BaseModel):
     experiment: str
     run_id: str
+    swept: dict[str, Any] = Field(default_factory=dict, description="this run's values of the swept spec fields")
     status: Status = "pending"
     backend: str = "local"
     attempts: int = 0
@@ -181,8 +182,8 @@ class Registry:
             if run.run_id in existing[run.experiment]:
                 continue
             existing[run.experiment].add(run.run_id)
-            state = RunState(experiment=run.experiment, run_id=run.run_id, backend=profile.backend,
-                             total_steps=total_steps_by_run[run.run_id])
+            state = RunState(experiment=run.experiment, run_id=run.run_id, swept=run.swept,
+                             backend=profile.backend, total_steps=total_steps_by_run[run.run_id])
             data = state.model_dump_json().encode()
             folder = f"{base}/{run.experiment}/{run.run_id}"
             files[f"{folder}/spec.yaml"] = yaml.dump(run.spec.model_dump(mode="json"), Dumper=_DUMPER,
