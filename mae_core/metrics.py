@@ -18,6 +18,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 
 from mae_core import storage
+from mae_core.goodput import AttemptClock
 from mae_core.metrics_log import SEGMENT_BYTES, TB_DIR, SegmentWriter, tb_event_name
 from mae_core.progress import write_progress
 
@@ -28,10 +29,12 @@ TB_SEGMENT_BYTES = 32 * 1024
 
 class MetricsWriter:
     def __init__(self, output: str, enabled: bool, flush_s: float, resume_step: int = 0,
-                 segment_bytes: int = SEGMENT_BYTES, tb_segment_bytes: int = TB_SEGMENT_BYTES) -> None:
+                 segment_bytes: int = SEGMENT_BYTES, tb_segment_bytes: int = TB_SEGMENT_BYTES,
+                 clock: AttemptClock | None = None) -> None:
         self.enabled, self.output, self.flush_s = enabled, output, flush_s
-        self.tb_segment_bytes = tb_segment_bytes
+        self.tb_segment_bytes, self.clock, self.resume_step = tb_segment_bytes, clock, resume_step
         self._last: dict[str, Any] | None = None  # newest record not yet flushed
+        self._newest: dict[str, Any] | None = None  # newest record of this attempt
         self._last_flush = time.monotonic()
         if not enabled:
             return
@@ -55,24 +58,27 @@ class MetricsWriter:
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._last = {"step": step, "time": time.time(), **values}
+        self._last = self._newest = {"step": step, "time": time.time(), **values}
         self.segments.append(self._last)
         for key, value in values.items():
             self.tb.add_scalar(key, value, step)
         if time.monotonic() - self._last_flush > self.flush_s:
             self.flush()
 
-    def flush(self) -> None:
-        """Upload what was logged since the last flush; nothing if nothing was."""
-        if not self.enabled or self._last is None:
+    def flush(self, force: bool = False) -> None:
+        """Upload what was logged since the last flush; nothing if nothing was, unless ``force``
+        (the attempt's clock changed: progress.json is rewritten alone)."""
+        if not self.enabled or (self._last is None and not force):
             return
-        self.segments.flush()
-        self.tb.flush()
-        if not self._tb_local:
-            self._upload_tb()
-        last = self._last
+        if self._last is not None:
+            self.segments.flush()
+            self.tb.flush()
+            if not self._tb_local:
+                self._upload_tb()
+        newest = self._newest or {"step": self.resume_step}
         # Last: progress.json never names a step whose record is not stored yet.
-        write_progress(self.output, last["step"], **{k: last[k] for k in ("loss", "lr", "img_s") if k in last})
+        write_progress(self.output, newest["step"], **{k: newest[k] for k in ("loss", "lr", "img_s") if k in newest},
+                       **({"goodput": self.clock.report()} if self.clock else {}))
         self._last = None
         self._last_flush = time.monotonic()
 
@@ -95,7 +101,7 @@ class MetricsWriter:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.flush()
+        self.flush(force=True)
         self.tb.close()
         if not self._tb_local:
             shutil.rmtree(self._tb_dir, ignore_errors=True)

@@ -27,6 +27,7 @@ from mae_core.contract import ATTEMPT_ENV, CHECKPOINTS_DIR, PREEMPTED_EXIT_CODE,
 from mae_core.data import build_source
 from mae_core.data.stream import DataError
 from mae_core.distributed import DistEnv, StepVotes, init_distributed, parallelize, shutdown
+from mae_core.goodput import AttemptClock
 from mae_core.metrics import MetricsWriter
 from mae_core.model import MaskedAutoencoderViT, build_model
 from mae_core.optim import build_optimizer, set_lr
@@ -111,7 +112,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         step = latest.step
         if env.is_main:
             log.info("resumed from %s at step %d", latest.url, step)
-    metrics = MetricsWriter(cfg.output, enabled=env.is_main, flush_s=cfg.metrics.flush_s, resume_step=step)
+    clock = AttemptClock(attempt)
+    metrics = MetricsWriter(cfg.output, enabled=env.is_main, flush_s=cfg.metrics.flush_s, resume_step=step,
+                            clock=clock)
+    first_step = step + 1
     if env.is_main:
         log.info("world %d, accumulation %d, lr %.3g, %d steps/epoch, %d steps total", env.world_size,
                  sched.accum_steps, sched.lr, sched.steps_per_epoch, sched.total_steps)
@@ -120,8 +124,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         check_owner(cfg.output, attempt)  # a replaced attempt must not commit over its successor
         rank_state = {"data": source.state_dict(), "rng": rng_state()}
         meta = {"fingerprint": cfg.fingerprint(), "global_batch": cfg.optim.global_batch}
+        began = time.perf_counter()
         ckpt.save(state, at_step, at_step // sched.steps_per_epoch, meta, rank_state, permanent)
-        metrics.flush()
+        clock.saved(at_step, time.perf_counter() - began)
+        metrics.flush(force=True)
 
     flag = PreemptionFlag().install()
     batches = iter(source)
@@ -130,6 +136,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     span_s, span_steps = 0.0, 0  # time and steps since the last record, for its img/s
     model.train()
     while step < sched.total_steps:
+        clock.step_began()
         t0 = time.perf_counter()
         lr = sched.lr_at(step)
         set_lr(optimizer, lr)
@@ -156,12 +163,15 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        span_s, span_steps = span_s + time.perf_counter() - t0, span_steps + 1
+        step_s = time.perf_counter() - t0
+        clock.step_ended(step_s)
+        span_s, span_steps = span_s + step_s, span_steps + 1
         stop = cfg.stop_after_step is not None and step >= cfg.stop_after_step
         due = policy.decide(step, requested=votes.stop or stop, time_due=votes.save_due)
         # A checkpoint step is always recorded: the curve and progress.json reach the step a
-        # resume starts from, whatever the interval.
-        if step % cfg.metrics.log_interval == 0 or step == sched.total_steps or due is not None:
+        # resume starts from, whatever the interval. So is an attempt's first step, flushed at once:
+        # its clock tells the runner when training began (restart overhead).
+        if step % cfg.metrics.log_interval == 0 or step in (first_step, sched.total_steps) or due is not None:
             record = {"loss": votes.loss, "lr": lr, "grad_norm": grad_norm.item(),
                       "img_s": cfg.optim.global_batch * span_steps / span_s, "epoch": sched.epoch_of(step),
                       **source.metrics()}
@@ -170,6 +180,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
             if env.is_main:
                 log.info("step %d/%d loss %.4f lr %.3g %.1f img/s", step, sched.total_steps,
                          record["loss"], lr, record["img_s"])
+            if step == first_step:
+                metrics.flush()
         if due is not None:
             save(step, due.permanent)
         if votes.stop:
@@ -180,7 +192,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         if stop and step < sched.total_steps:
             status = "stopped"
             break
+    began = time.perf_counter()
     ckpt.wait()
+    clock.blocked(time.perf_counter() - began)
     metrics.close()
     return TrainResult(status=status, step=step)
 

@@ -192,6 +192,11 @@ def status(run: RunArg, root: RootOpt = None) -> None:
         console.print(_table(registry.with_progress([state])))
         if state.message:
             console.print(f"message: {state.message}")
+        g = state.goodput
+        if g.ratio is not None:
+            console.print(f"goodput {g.ratio:.1%} of {g.allocated_s / 3600:.3f} h allocated over {state.attempts} "
+                          f"attempt(s): productive {g.productive_s:.0f} s, lost {g.lost_s:.0f} s, restart overhead "
+                          f"{g.overhead_s:.0f} s, checkpoint {g.checkpoint_s:.0f} s")
         for event in registry.events(state.experiment, state.run_id)[-10:]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.pop("time")))
             console.print(f"  {when} {event.pop('event')} {json.dumps(event)}")
@@ -224,6 +229,7 @@ def watch(experiment: ExperimentArg = None, root: RootOpt = None,
     registry = registry_for(root)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[status]}"), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("attempt {task.fields[attempts]}"), TextColumn("goodput {task.fields[goodput]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as bars:
         tasks: dict[str, Any] = {}
@@ -231,9 +237,11 @@ def watch(experiment: ExperimentArg = None, root: RootOpt = None,
             # Progress first: a trainer's fresh heartbeat spares asking its backend about it.
             states = [refresh(registry, s) for s in registry.with_progress(registry.runs(experiment))]
             for s in states:
+                fields = {"status": "hung" if s.hung else s.status, "loss": _fmt(s.loss), "attempts": s.attempts,
+                          "goodput": "-" if s.goodput.ratio is None else f"{s.goodput.ratio:.0%}"}
                 if s.key not in tasks:
-                    tasks[s.key] = bars.add_task(s.key, total=s.total_steps or 1, status=s.status, loss="-")
-                bars.update(tasks[s.key], completed=s.step, status=s.status, loss=_fmt(s.loss))
+                    tasks[s.key] = bars.add_task(s.key, total=s.total_steps or 1, **fields)
+                bars.update(tasks[s.key], completed=s.step, **fields)
             if states and all(s.status not in ACTIVE for s in states):
                 break
             time.sleep(interval)
@@ -276,6 +284,23 @@ def resume(target: TargetArg, root: RootOpt = None) -> None:
         registry.event(state, "resumed", last_checkpoint_step=state.last_checkpoint_step)
         backend_of(registry, state).submit(registry, [state])
         console.print(f"resuming {state.key} from step {state.last_checkpoint_step or 0}")
+
+
+@app.command()
+def report(experiment: Annotated[str, typer.Argument(callback=_experiment)],
+           format_: Annotated[str, typer.Option("--format", help="table, csv, markdown or json")] = "table",
+           root: RootOpt = None) -> None:
+    """One row per run: swept values, final and best loss, epochs, wall time, GPU-hours, attempts, goodput."""
+    from orchestrator.report import render, rows
+
+    if format_ not in ("table", "csv", "markdown", "json"):
+        raise UserError(f"--format {format_!r} is not one of table, csv, markdown, json")
+    registry = registry_for(root)
+    out = render(rows(registry, registry.runs(experiment)), format_)  # type: ignore[arg-type]
+    if isinstance(out, str):
+        sys.stdout.write(out)
+    else:
+        console.print(out)
 
 
 @app.command()

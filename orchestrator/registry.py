@@ -32,6 +32,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from mae_core import storage
+from mae_core.goodput import Goodput
 from mae_core.progress import progress_url
 from orchestrator.errors import UserError
 from orchestrator.profiles import Profile, parse_profile
@@ -60,6 +61,8 @@ BATCH = 32
 # Local files fsync'd at once: the file system's journal commits concurrent fsyncs together
 # (5,000 small files: 5.8 s one after another, 0.6 s from 32 threads).
 FSYNC_THREADS = 32
+# Heartbeats a trainer may miss before its run shows as hung (a flush waits for a logged step).
+HUNG_FLUSHES = 3
 # Statuses in which a trainer may be writing progress.json.
 TRAINING: frozenset[str] = frozenset({"running", "cancelling"})
 
@@ -74,7 +77,9 @@ class RunState(BaseModel):
     swept: dict[str, Any] = Field(default_factory=dict, description="this run's values of the swept spec fields")
     status: Status = "pending"
     backend: str = "local"
+    devices: int = Field(default=1, description="devices (GPUs or CPU processes) each attempt holds")
     attempts: int = 0
+    attempt_started: float | None = Field(default=None, description="when the newest attempt began")
     job_ids: list[str] = Field(default_factory=list)
     step: int = 0
     total_steps: int = 0
@@ -93,11 +98,17 @@ class RunState(BaseModel):
     pid: int | None = None
     heartbeat: float | None = Field(default=None, description="when the training step last advanced")
     hang_timeout_s: float | None = Field(default=None, description="no new step for this long: hung")
+    flush_s: float | None = Field(default=None, description="the trainer's heartbeat interval (spec metrics.flush_s)")
+    goodput: Goodput = Field(default_factory=Goodput, description="summed over the attempts that ended")
 
     @property
     def hung(self) -> bool:
-        return (self.status == "running" and self.heartbeat is not None and self.hang_timeout_s is not None
-                and time.time() - self.heartbeat > self.hang_timeout_s)
+        """Running, but the trainer's heartbeat stopped: no new step for the profile's hang timeout
+        or, without one, for HUNG_FLUSHES metrics flush intervals."""
+        limit = self.hang_timeout_s or (HUNG_FLUSHES * self.flush_s if self.flush_s else None)
+        # A new attempt is not hung while it starts: the heartbeat may still be its predecessor's.
+        last = max(self.heartbeat or 0.0, self.attempt_started or 0.0)
+        return self.status == "running" and limit is not None and last > 0 and time.time() - last > limit
 
     @property
     def key(self) -> str:
@@ -183,7 +194,9 @@ class Registry:
                 continue
             existing[run.experiment].add(run.run_id)
             state = RunState(experiment=run.experiment, run_id=run.run_id, swept=run.swept,
-                             backend=profile.backend, total_steps=total_steps_by_run[run.run_id])
+                             backend=profile.backend, devices=run.spec.resources.world_size,
+                             flush_s=run.spec.metrics.flush_s,
+                             total_steps=total_steps_by_run[run.run_id])
             data = state.model_dump_json().encode()
             folder = f"{base}/{run.experiment}/{run.run_id}"
             files[f"{folder}/spec.yaml"] = yaml.dump(run.spec.model_dump(mode="json"), Dumper=_DUMPER,

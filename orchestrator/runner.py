@@ -32,6 +32,7 @@ from mae_core.contract import (
     exit_status,
     latest_checkpoint,
 )
+from mae_core.goodput import attempt_goodput
 from mae_core.progress import read_progress
 from orchestrator.registry import Registry, RunState, StaleAttempt
 
@@ -53,9 +54,8 @@ def latest_checkpoint_step(registry: Registry, state: RunState) -> int | None:
     return info.step if info else None
 
 
-def progress(registry: Registry, state: RunState) -> dict[str, Any]:
+def progress_fields(last: dict[str, Any] | None) -> dict[str, Any]:
     """The trainer's newest flushed progress (``<run>/progress.json``) as state fields."""
-    last = read_progress(registry.run_url(state.experiment, state.run_id))
     if last is None:
         return {}
     return {"step": last["step"], "loss": last.get("loss"), "img_s": last.get("img_s"),
@@ -113,8 +113,9 @@ def begin_attempt(registry: Registry, experiment: str, run_id: str, **fields: An
     if registry.cancel_requested(state):
         registry.update(experiment, run_id, status="cancelled", ended=time.time(), message="cancelled before start")
         return None
+    now = time.time()
     state = registry.update(experiment, run_id, status="running", attempts=state.attempts + 1,
-                            started=state.started or time.time(), ended=None, message=None,
+                            started=state.started or now, attempt_started=now, ended=None, message=None,
                             host=socket.gethostname(), pid=os.getpid(), **fields)
     claim_output(registry.run_url(experiment, run_id), state.attempts)
     registry.event(state, "started", attempt=state.attempts, host=state.host,
@@ -156,8 +157,13 @@ def _record_end(registry: Registry, state: RunState, code: int, last_error: str,
                 stop_reason: Callable[[], StopReason | None], stopped_by: str | None) -> RunState:
     experiment, run_id, attempt = state.experiment, state.run_id, state.attempts
     state = registry.state(experiment, run_id)
-    fields = {**progress(registry, state), "last_checkpoint_step": latest_checkpoint_step(registry, state),
-              "pid": None}
+    last = read_progress(registry.run_url(experiment, run_id))
+    # The trainer's clock report counts only if this attempt's trainer wrote it.
+    clock = (last or {}).get("goodput")
+    clock = clock if isinstance(clock, dict) and clock.get("attempt") == attempt else None
+    goodput = attempt_goodput(state.attempt_started or time.time(), time.time(), code, clock)
+    fields = {**progress_fields(last), "last_checkpoint_step": latest_checkpoint_step(registry, state),
+              "pid": None, "goodput": state.goodput + goodput}
     budgets = registry.spec(experiment, run_id).requeue
 
     def end(status: str, **changes: Any) -> RunState:
@@ -192,8 +198,10 @@ def _record_end(registry: Registry, state: RunState, code: int, last_error: str,
         message = last_error if requeue or not can_requeue else \
             f"{last_error} (failed {failures} times, over the budget requeue.max_failures={budgets.max_failures})"
         state = end("requeued" if requeue else "failed", failures=failures, message=message)
-    registry.event(state, state.status, exit_code=code, step=state.step, reason=state.message,
-                   last_checkpoint_step=state.last_checkpoint_step)
+    ended_by = "completed" if code == 0 else "cancelled" if state.status == "cancelled" else \
+        reason if reason is not None else "failure"
+    registry.event(state, state.status, exit_code=code, step=state.step, reason=state.message, ended_by=ended_by,
+                   last_checkpoint_step=state.last_checkpoint_step, goodput=goodput.model_dump())
     return state
 
 

@@ -112,6 +112,15 @@ def attempts_one_at_a_time(registry: Registry, state: RunState) -> None:
             open_attempt = False
 
 
+def assert_goodput_adds_up(terms: dict[str, float], lost: bool) -> None:
+    """An attempt's (or a run's) goodput terms: disjoint spans of the allocated time, each positive
+    (lost time only where ``lost``: work after a last checkpoint was thrown away)."""
+    spent = terms["productive_s"] + terms["lost_s"] + terms["overhead_s"] + terms["checkpoint_s"]
+    assert terms["allocated_s"] >= spent, terms
+    assert terms["productive_s"] > 0 and terms["overhead_s"] > 0 and terms["checkpoint_s"] > 0, terms
+    assert (terms["lost_s"] > 0) if lost else (terms["lost_s"] == 0), terms
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from maestro_cli import attempts_one_at_a_time, maestro, resume_at_once, wait_for, weights
+from maestro_cli import assert_goodput_adds_up, attempts_one_at_a_time, maestro, resume_at_once, wait_for, weights
 from trainer_runs import losses
 
 from mae_core import storage
@@ -92,6 +92,16 @@ def test_cancel_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     [_, second] = [e for e in events if e["event"] == "started"]
     assert second["resumed_from_step"] == cancelled["last_checkpoint_step"]
     attempts_one_at_a_time(registry, resumed)
+    # Goodput: the cancelled attempt checkpointed at the step it stopped, so it lost no work.
+    assert cancelled["ended_by"] == "cancelled" and cancelled["step"] == cancelled["last_checkpoint_step"]
+    assert_goodput_adds_up(cancelled["goodput"], lost=False)
+    [completed] = [e for e in events if e["event"] == "completed"]
+    assert_goodput_adds_up(completed["goodput"], lost=False)
+    total = resumed.goodput.model_dump()
+    assert total == pytest.approx({k: cancelled["goodput"][k] + completed["goodput"][k] for k in total})
+    report = json.loads(maestro("report", "stopped", "--root", root, "--format", "json").stdout)
+    assert [(r["attempts"], r["ended_by"]) for r in report] == [(2, "cancelled 1, completed 1")]
+    assert report[0]["goodput"] == pytest.approx(resumed.goodput.ratio, abs=1e-4)
 
 
 def test_submitting_twice_does_not_duplicate_and_cancel_stops_every_run(tmp_path: Path) -> None:

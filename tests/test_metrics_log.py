@@ -197,7 +197,8 @@ def test_spec_metrics_section_reaches_the_trainer(tmp_path: Path) -> None:
     path.write_text(cfg.to_yaml())
     proc = launch(path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    # Every 3rd step, plus the checkpoint steps (4, 8) and the last (8): a resume point is on the curve.
-    assert [r["step"] for r in read_records(output)] == [3, 4, 6, 8]
+    # Every 3rd step, plus the attempt's first step (its start, for goodput), the checkpoint steps
+    # (4, 8) and the last (8): a resume point is on the curve.
+    assert [r["step"] for r in read_records(output)] == [1, 3, 4, 6, 8]
     assert read_progress(output)["step"] == 8  # type: ignore[index]
 
