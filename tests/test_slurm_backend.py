@@ -3,6 +3,7 @@ submitit, preempted and timed out for real, requeued and resumed, on one node an
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,16 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from maestro_cli import attempts_one_at_a_time, maestro, resume_at_once, trained_step, trainer_pids, wait_for, weights
+from maestro_cli import (
+    assert_goodput_adds_up,
+    attempts_one_at_a_time,
+    maestro,
+    resume_at_once,
+    trained_step,
+    trainer_pids,
+    wait_for,
+    weights,
+)
 from trainer_runs import final_weights, launch, losses
 
 from mae_core import storage
@@ -147,6 +157,13 @@ class TestOneNode:
         [requeue] = requeues_resume_where_they_stopped(registry, state)
         assert requeue["reason"] == "preempted"
         assert_same_run(registry, state, reference)
+        # Goodput: the preempted attempt saved at the step it stopped, so no work after its last
+        # checkpoint was lost; its allocation went to start-up, steps and checkpoints.
+        assert requeue["ended_by"] == "preempted" and requeue["step"] == requeue["last_checkpoint_step"]
+        assert_goodput_adds_up(requeue["goodput"], lost=False)
+        assert_goodput_adds_up(state.goodput.model_dump(), lost=False)
+        report = json.loads(maestro("report", "slurm", "--root", registry.root, "--format", "json").stdout)
+        assert [(r["attempts"], r["ended_by"]) for r in report] == [(2, "completed 1, preempted 1")]
 
     def test_three_preemptions_at_different_steps(self, one_node: SlurmCluster, tmp_path: Path,
                                                   reference: tuple[list[float], dict[str, torch.Tensor]]) -> None:
