@@ -64,6 +64,15 @@ def _spec(path: str, overrides: list[str] | None, cluster: str | None) -> Experi
     return spec
 
 
+def one_run(registry: Registry, target: str) -> RunState:
+    """The single run ``target`` names: an experiment of several runs is not one."""
+    states = registry.resolve(target)
+    if len(states) != 1:
+        raise UserError(f"{target!r} names {len(states)} runs; give one as EXPERIMENT/RUN_ID "
+                        f"(see `maestro ls {target}`)")
+    return states[0]
+
+
 def backend_of(registry: Registry, state: RunState) -> Backend:
     return get_backend(registry.profile(state.experiment, state.run_id))
 
@@ -208,7 +217,7 @@ def logs(run: RunArg, follow: Annotated[bool, typer.Option("-f")] = False,
          root: RootOpt = None) -> None:
     """A run's trainer log (-f follows it until the run ends)."""
     registry = registry_for(root)
-    [state] = registry.resolve(run)[:1]
+    state = one_run(registry, run)
     backend = backend_of(registry, state)
     shown = 0
     while True:
@@ -326,7 +335,7 @@ def viz(run: RunArg, step: Annotated[int | None, typer.Option(help="checkpoint s
     from orchestrator.viz import render_reconstructions
 
     registry = registry_for(root)
-    [state] = registry.resolve(run)[:1]
+    state = one_run(registry, run)
     used = render_reconstructions(registry, state, output, step=step, images=images, mask_ratio=mask_ratio,
                                   seed=seed)
     console.print(f"wrote {output}: {images} image(s) from {state.key} at step {used}")

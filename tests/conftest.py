@@ -4,11 +4,15 @@ the no-skip rule for CI."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from orchestrator.registry import Registry, RunState
 from orchestrator.testing.ray_cluster import RAY_TEST_ENV, RayCluster, start_ray_cluster
 from orchestrator.testing.ray_cluster import available as ray_available
 from orchestrator.testing.s3_server import start_s3_server
@@ -112,3 +116,30 @@ def ray_cluster(s3_endpoint: str) -> Iterator[RayCluster]:
             yield cluster
     finally:
         cluster.stop()
+
+
+REPO = Path(__file__).resolve().parents[1]
+# The README quickstart's registry, its one run, and what the command printed.
+Quickstart = tuple[Registry, RunState, str]
+
+
+def readme_command(script: str) -> str:
+    """The README's first-screen command that runs ``script``."""
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert block, "README has no bash block"
+    [line] = [ln for ln in block.group(1).splitlines() if script in ln]
+    return line.split("#")[0].strip()
+
+
+@pytest.fixture(scope="session")
+def readme_quickstart(tmp_path_factory: pytest.TempPathFactory) -> Quickstart:
+    """The README's quickstart command, run exactly as written there, once per session: its test
+    checks the run, and `maestro viz` is tested on the model it trained."""
+    tmp = tmp_path_factory.mktemp("readme-quickstart")
+    env = {**os.environ, "MAESTRO_ROOT": str(tmp / "runs"), "MAESTRO_STATE_DIR": str(tmp / "state")}
+    proc = subprocess.run(["bash", "-c", readme_command("quickstart")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    registry = Registry(str(tmp / "runs"))
+    [state] = registry.runs("quickstart")
+    return registry, state, proc.stdout
