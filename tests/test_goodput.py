@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from maestro_cli import REPO, assert_goodput_adds_up, maestro, trainer_pids, wai
 
 from mae_core.metrics_log import read_records
 from mae_core.progress import read_progress
-from orchestrator.registry import Registry, RunState
+from orchestrator.registry import HUNG_FLUSHES, Registry, RunState
 
 
 @pytest.fixture(autouse=True)
@@ -94,3 +95,18 @@ def test_killed_attempt_loses_the_work_after_its_checkpoint_and_the_report_shows
     assert len(json.loads(maestro("report", "sweep", "--root", root, "--format", "json").stdout)) == 2
     bad = maestro("report", "sweep", "--root", root, "--format", "xls")
     assert bad.returncode == 2 and "--format" in bad.stdout and len(bad.stdout.strip().splitlines()) == 1
+
+
+def test_a_stale_heartbeat_shows_hung(tmp_path: Path) -> None:
+    """Without a profile hang timeout, a running trainer that missed HUNG_FLUSHES heartbeats is shown
+    hung; a new attempt still starting (its predecessor's heartbeat is old) is not."""
+    registry = Registry(str(tmp_path / "registry"))
+    now = time.time()
+    state = RunState(experiment="e", run_id="r", status="running", flush_s=10.0, attempt_started=now - 3600,
+                     heartbeat=now - 10.0 * HUNG_FLUSHES - 5)
+    assert state.hung
+    assert not state.model_copy(update={"heartbeat": now - 10.0 * HUNG_FLUSHES + 5}).hung
+    assert not state.model_copy(update={"attempt_started": now - 5}).hung  # restarting, not hung
+    assert not state.model_copy(update={"status": "requeued"}).hung
+    registry.write_state(state)
+    assert "hung" in maestro("ls", "--root", registry.root).stdout
