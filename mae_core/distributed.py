@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from mae_core.config import RuntimeConfig
 from mae_core.contract import INIT_METHOD_ENV
 from mae_core.model import MaskedAutoencoderViT
+
+# An MAE, or an encoder classifier built from one (mae_core.evaluate): both have .blocks.
+M = TypeVar("M", bound=MaskedAutoencoderViT | torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: MaskedAutoencoderViT, env: DistEnv, runtime: RuntimeConfig) -> MaskedAutoencoderViT:
+def parallelize(model: M, env: DistEnv, runtime: RuntimeConfig) -> M:
     """Everything that changes how the model computes but not what, in the order that composes:
     activation checkpointing of each block (the model recomputes a block's activations in
     backward), then ``torch.compile`` per block (so a compiled block is also the unit FSDP2
@@ -68,7 +72,7 @@ def parallelize(model: MaskedAutoencoderViT, env: DistEnv, runtime: RuntimeConfi
     copies for compute (gradients are reduced in fp32), so all-gathers move half the bytes.
     """
     model.grad_checkpointing = runtime.activation_checkpointing
-    blocks = [*model.blocks, *model.decoder_blocks]
+    blocks = [*model.blocks, *getattr(model, "decoder_blocks", [])]  # an encoder classifier has no decoder
     if runtime.compile:
         for block in blocks:
             block.compile()

@@ -15,12 +15,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from rich.text import Text
 
+from mae_core import storage
+from mae_core.config import RuntimeConfig
+from mae_core.contract import CHECKPOINTS_DIR, scan_checkpoints
 from orchestrator.backends import Backend, get_backend
 from orchestrator.backends.base import reconcile
 from orchestrator.errors import UserError
 from orchestrator.profiles import RayProfile, SlurmProfile, load_profile
 from orchestrator.registry import ACTIVE, FINISHED, Registry, RunState, default_root
-from orchestrator.spec import Derived, ExperimentSpec, load_spec, schema
+from orchestrator.spec import Derived, EvaluationOf, ExperimentSpec, load_spec, schema
 from orchestrator.sweep import expand
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -116,6 +119,13 @@ def plan(spec_path: Annotated[str, typer.Argument(metavar="SPEC")], set_: SetOpt
     ckpt = first.checkpoint
     console.print(f"checkpoint every {ckpt.interval_steps or '-'} steps / {ckpt.interval_minutes or '-'} min, "
                   f"keeping the last {ckpt.keep_last}")
+    if first.eval is not None:
+        runtime = RuntimeConfig(per_device_batch=first.resources.per_device_batch)
+        for job in first.eval.jobs():
+            cfg = first.eval_config("", runtime, EvaluationOf(job=job, run_id=runs[0].run_id))
+            o = cfg.optim
+            console.print(f"then, once each run completes, its {job} (`<run>.{job}`): {o.epochs} epochs, global batch "
+                          f"{o.global_batch}, lr {o.blr * o.global_batch / 256:.3g}; validation {first.eval.val_url}")
     if isinstance(profile, SlurmProfile):
         # Imported here, not at the top: it loads torch, and ls/watch must start fast.
         from orchestrator.backends.slurm import SlurmBackend
@@ -293,6 +303,40 @@ def resume(target: TargetArg, root: RootOpt = None) -> None:
         registry.event(state, "resumed", last_checkpoint_step=state.last_checkpoint_step)
         backend_of(registry, state).submit(registry, [state])
         console.print(f"resuming {state.key} from step {state.last_checkpoint_step or 0}")
+
+
+@app.command("eval")
+def evaluate(run: RunArg,
+             linprobe: Annotated[bool, typer.Option("--linprobe", help="linear probe (frozen encoder)")] = False,
+             finetune: Annotated[bool, typer.Option("--finetune", help="fine-tune every layer")] = False,
+             step: Annotated[int | None, typer.Option(help="checkpoint step; default the latest; 0: a "
+                                                      "random-init encoder, the floor to beat")] = None,
+             val: Annotated[str | None, typer.Option("--val", help="labelled validation split URL; default the "
+                                                     "spec's eval.val_url")] = None,
+             root: RootOpt = None) -> None:
+    """Evaluate a run's encoder by hand, as runs of their own (RUN.linprobe, RUN.finetune)."""
+    from orchestrator.evaluation import create_and_submit, plan_evaluation
+
+    jobs = [job for job, on in (("linprobe", linprobe), ("finetune", finetune)) if on]
+    if not jobs:
+        raise UserError("choose what to run: --linprobe, --finetune or both")
+    registry = registry_for(root)
+    state = one_run(registry, run)
+    complete, _ = scan_checkpoints(storage.join(registry.run_url(state.experiment, state.run_id), CHECKPOINTS_DIR))
+    steps = [c.step for c in complete]
+    if step is None and not steps:
+        raise UserError(f"{state.key} has no complete checkpoint yet; wait for its first save, or pass --step 0 "
+                        "for a random-init encoder")
+    if step not in (None, 0) and step not in steps:
+        raise UserError(f"--step {step}: {state.key} has no complete checkpoint there; complete: "
+                        f"{', '.join(map(str, steps)) or 'none'}")
+    chosen = steps[-1] if step is None else step
+    spec = registry.spec(state.experiment, state.run_id)
+    planned = [plan_evaluation(spec, state, job, chosen, named_step=step is not None, val_url=val) for job in jobs]
+    new = create_and_submit(registry, planned, registry.profile(state.experiment, state.run_id))
+    for run_ in planned:
+        done = "started" if run_.run_id in {s.run_id for s in new} else "already exists (`maestro resume` continues it)"
+        console.print(f"{run_.experiment}/{run_.run_id}: {done}; step {chosen}")
 
 
 @app.command()

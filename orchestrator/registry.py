@@ -75,6 +75,8 @@ class RunState(BaseModel):
     experiment: str
     run_id: str
     swept: dict[str, Any] = Field(default_factory=dict, description="this run's values of the swept spec fields")
+    job: str = Field(default="pretrain", description="pretrain, or the evaluation (linprobe, finetune) this run is")
+    evaluates: str | None = Field(default=None, description="an evaluation's pre-training run id")
     status: Status = "pending"
     backend: str = "local"
     devices: int = Field(default=1, description="devices (GPUs or CPU processes) each attempt holds")
@@ -193,7 +195,9 @@ class Registry:
             if run.run_id in existing[run.experiment]:
                 continue
             existing[run.experiment].add(run.run_id)
+            of = run.spec.evaluation
             state = RunState(experiment=run.experiment, run_id=run.run_id, swept=run.swept,
+                             job=of.job if of else "pretrain", evaluates=of.run_id if of else None,
                              backend=profile.backend, devices=run.spec.resources.world_size,
                              flush_s=run.spec.metrics.flush_s,
                              total_steps=total_steps_by_run[run.run_id])

@@ -23,6 +23,8 @@ from orchestrator.registry import TRAINING, Registry, RunState
 Format = Literal["table", "csv", "markdown", "json"]
 # After the swept values, in this order.
 COLUMNS = ("run", "status", "final_loss", "best_loss", "epochs", "wall_h", "gpu_h", "attempts", "ended_by", "goodput")
+# The column suffix of an evaluation's top-1.
+TOP1 = "_top1"
 # Runs read at once: each is a listing and a few GETs, latency-bound on object stores.
 READERS = 16
 # How an attempt ended, per its end event (runner.finish_attempt): the order they are listed in.
@@ -48,16 +50,34 @@ def _row(registry: Registry, state: RunState, now: float) -> dict[str, Any]:
     }
 
 
+def _top1(registry: Registry, state: RunState) -> float | None:
+    """An evaluation run's newest validation top-1 (%)."""
+    scored = [r for r in read_records(registry.run_url(state.experiment, state.run_id)) if "val_top1" in r]
+    return scored[-1]["val_top1"] if scored else None
+
+
 def rows(registry: Registry, states: list[RunState]) -> list[dict[str, Any]]:
-    """The report's rows, in the order of ``states``."""
+    """The report's rows, in the order of ``states``: one per pre-training run, with the top-1 of
+    each of its evaluation runs (``<job>_top1``, e.g. linprobe_top1, linprobe-step0_top1)."""
     now = time.time()
+    runs = [s for s in states if s.evaluates is None]
+    evaluations = [s for s in states if s.evaluates is not None]
     with ThreadPoolExecutor(READERS) as pool:
-        return list(pool.map(lambda s: _row(registry, s, now), states))
+        report = list(pool.map(lambda s: _row(registry, s, now), runs))
+        scores = list(pool.map(lambda s: _top1(registry, s), evaluations))
+    by_run = {row["run"]: row for row in report}
+    for ev, top1 in zip(evaluations, scores, strict=True):
+        row = by_run.get(f"{ev.experiment}/{ev.evaluates}")
+        if row is not None:
+            row[f"{ev.run_id.removeprefix(ev.evaluates + '.')}{TOP1}"] = None if top1 is None else round(top1, 2)
+    return report
 
 
 def columns(report: list[dict[str, Any]]) -> list[str]:
-    swept = list(dict.fromkeys(k for row in report for k in row if k not in COLUMNS))
-    return [COLUMNS[0], *swept, *COLUMNS[1:]]
+    """The run, its swept values, its evaluations' top-1, then the fixed columns."""
+    extra = list(dict.fromkeys(k for row in report for k in row if k not in COLUMNS))
+    swept = [k for k in extra if not k.endswith(TOP1)]
+    return [COLUMNS[0], *swept, *sorted(k for k in extra if k.endswith(TOP1)), *COLUMNS[1:]]
 
 
 def _cell(value: Any) -> str:

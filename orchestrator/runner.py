@@ -202,7 +202,22 @@ def _record_end(registry: Registry, state: RunState, code: int, last_error: str,
         reason if reason is not None else "failure"
     registry.event(state, state.status, exit_code=code, step=state.step, reason=state.message, ended_by=ended_by,
                    last_checkpoint_step=state.last_checkpoint_step, goodput=goodput.model_dump())
+    if state.status == "completed":
+        _evaluate(registry, state)
     return state
+
+
+def _evaluate(registry: Registry, state: RunState) -> None:
+    """A completed pre-training run continues with its spec's evaluations, as runs of their own.
+    Starting them must not change how this run ended: a failure is recorded and can be retried
+    with `maestro eval`."""
+    from orchestrator.evaluation import start_evaluations  # it submits through the backends, which import us
+
+    try:
+        start_evaluations(registry, state)
+    except Exception as e:  # the run itself completed: say why its evaluations did not start, and go on
+        print(f"maestro: evaluations of {state.key} did not start: {e}", file=sys.stderr, flush=True)
+        registry.event(state, "evaluation_failed", reason=f"{type(e).__name__}: {e}")
 
 
 class LogUpload:

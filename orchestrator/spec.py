@@ -12,7 +12,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,6 +27,7 @@ from mae_core.config import (
     TrainConfig,
 )
 from mae_core.data import DataConfig, dataset_size
+from mae_core.evaluate.config import EvalConfig, EvalJob, paper_defaults
 from mae_core.schedule import Schedule, ScheduleError, accumulation_steps
 from orchestrator.errors import UserError
 from orchestrator.secrets import secret_path
@@ -80,6 +81,45 @@ class SweepSpec(_Section):
         return self
 
 
+class EvalJobSpec(_Section):
+    """One evaluation job of every run; unset fields follow the paper (appendix A.2, A.3)."""
+
+    epochs: int | None = Field(default=None, gt=0)
+    warmup_epochs: float | None = Field(default=None, ge=0)
+    blr: float | None = Field(default=None, gt=0, description="base lr; lr = blr * global_batch / 256")
+    global_batch: int | None = Field(default=None, gt=0)
+    per_device_batch: int | None = Field(default=None, gt=0, description="default: the pre-training's")
+    weight_decay: float | None = Field(default=None, ge=0)
+    layer_decay: float | None = Field(default=None, gt=0, le=1, description="fine-tune only")
+    pool: Literal["cls", "avg"] | None = None
+    drop_path: float | None = Field(default=None, ge=0, lt=1)
+    label_smoothing: float | None = Field(default=None, ge=0, lt=1)
+    mixup: float | None = Field(default=None, ge=0)
+    cutmix: float | None = Field(default=None, ge=0)
+
+
+class EvalSpec(_Section):
+    """Evaluations that follow pre-training: each run continues, once it completes, with these
+    jobs as runs of their own (``<run_id>.linprobe``, ``<run_id>.finetune``)."""
+
+    val_url: str | list[str] = Field(description="the labelled validation split (shards with .cls, or class folders)")
+    train_url: str | list[str] | None = Field(
+        default=None, description="the labelled training split; default: the pre-training data.url")
+    linprobe: EvalJobSpec | None = None
+    finetune: EvalJobSpec | None = None
+
+    def jobs(self) -> list[EvalJob]:
+        return [job for job in ("linprobe", "finetune") if getattr(self, job) is not None]  # type: ignore[misc]
+
+
+class EvaluationOf(_Section):
+    """Set by maestro on an evaluation run: which job, of which run of the experiment, from which step."""
+
+    job: EvalJob
+    run_id: str
+    step: int | None = Field(default=None, ge=0, description="None: the run's latest checkpoint; 0: random init")
+
+
 class ExperimentSpec(_Section):
     name: str = Field(description="experiment name: letters, digits, '_', '-', '.'")
     seed: int = 0
@@ -94,6 +134,8 @@ class ExperimentSpec(_Section):
     requeue: RequeueSpec = RequeueSpec()
     cluster: str = Field(default="cluster_configs/local.yaml", description="cluster profile YAML")
     sweep: SweepSpec = SweepSpec()
+    eval: EvalSpec | None = Field(default=None, description="linear probe and/or fine-tune after pre-training")
+    evaluation: EvaluationOf | None = Field(default=None, description="set by maestro on evaluation runs")
 
     @field_validator("name")
     @classmethod
@@ -145,11 +187,55 @@ class ExperimentSpec(_Section):
                 "divides") from None
         return self
 
-    def train_config(self, output: str) -> TrainConfig:
-        """The trainer's config for this (already swept) spec, writing under ``output``."""
+    @model_validator(mode="after")
+    def _evaluations(self) -> ExperimentSpec:
+        """Each job of ``eval:`` must make a valid evaluation config: said when the spec is read,
+        not when pre-training completes."""
+        if self.eval is None:
+            return self
+        if self.eval.train_url is None and self.data.url is None:
+            raise ValueError("eval needs a labelled training split: set data.url or eval.train_url")
+        runtime = RuntimeConfig(per_device_batch=self.resources.per_device_batch)
+        for job in self.eval.jobs():
+            try:
+                cfg = self.eval_config("runs/x/y", runtime, EvaluationOf(job=job, run_id="y"))
+                accumulation_steps(cfg.optim.global_batch, cfg.runtime.per_device_batch, self.resources.world_size)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(map(str, err["loc"][1:] if err["loc"][:1] == ("optim",) else err["loc"]))
+                raise ValueError(f"eval.{job}{'.' + where if where else ''}: "
+                                 f"{err['msg'].removeprefix('Value error, ')}") from None
+            except ScheduleError as e:  # it names optim.global_batch: here, the job's own
+                raise ValueError(str(e).replace("optim.", f"eval.{job}.")) from None
+        return self
+
+    def train_config(self, output: str) -> TrainConfig | EvalConfig:
+        """The trainer's config for this (already swept) spec, writing under ``output``: pre-training,
+        or for an evaluation run its job on the encoder of the run next to it in the registry."""
         runtime = RuntimeConfig(**self.runtime.model_dump(), per_device_batch=self.resources.per_device_batch)
-        return TrainConfig(output=output, seed=self.seed, model=self.model, data=self.data, optim=self.optim,
-                           checkpoint=self.checkpoint, runtime=runtime, metrics=self.metrics)
+        if self.evaluation is None:
+            return TrainConfig(output=output, seed=self.seed, model=self.model, data=self.data, optim=self.optim,
+                               checkpoint=self.checkpoint, runtime=runtime, metrics=self.metrics)
+        return self.eval_config(output, runtime, self.evaluation)
+
+    def eval_config(self, output: str, runtime: RuntimeConfig, of: EvaluationOf) -> EvalConfig:
+        """The config of evaluation ``of``: the paper's recipe for it, with what ``eval.<job>`` sets."""
+        spec = self.eval
+        assert spec is not None, "an evaluation run's spec has its eval section"
+        job = getattr(spec, of.job) or EvalJobSpec()
+        chosen = job.model_dump(exclude_none=True)
+        recipe = paper_defaults(of.job, self.model.arch)
+        optim_keys = {"epochs", "warmup_epochs", "blr", "global_batch", "weight_decay", "layer_decay"}
+        optim = {**recipe.pop("optim"), **{k: v for k, v in chosen.items() if k in optim_keys}}
+        head = {**recipe, **{k: v for k, v in chosen.items() if k not in optim_keys | {"per_device_batch"}}}
+        if "per_device_batch" in chosen:
+            runtime = runtime.model_copy(update={"per_device_batch": chosen["per_device_batch"]})
+        train = self.data.model_copy(update={"url": spec.train_url or self.data.url, "num_samples": None})
+        run_url = output.rstrip("/").rsplit("/", 1)[0] + "/" + of.run_id
+        return EvalConfig(job=of.job, output=output, seed=self.seed, model=self.model,
+                          init={"url": run_url, "step": of.step}, data=train,
+                          val=self.data.model_copy(update={"url": spec.val_url, "num_samples": None}),
+                          optim=optim, checkpoint=self.checkpoint, runtime=runtime, metrics=self.metrics, **head)
 
 
 class MaestroDeprecation(FutureWarning):
@@ -171,16 +257,20 @@ class Derived(BaseModel):
 
     @classmethod
     def of(cls, spec: ExperimentSpec) -> Derived:
-        r, o = spec.resources, spec.optim
+        r, o, data = spec.resources, spec.optim, spec.data
+        per_device_batch = r.per_device_batch
+        if spec.evaluation is not None:  # an evaluation run: its own data, batch and epochs
+            job = spec.eval_config("", RuntimeConfig(per_device_batch=r.per_device_batch), spec.evaluation)
+            o, data, per_device_batch = job.optim, job.data, job.runtime.per_device_batch
         try:
-            num_samples = dataset_size(spec.data)
+            num_samples = dataset_size(data)
         except (OSError, ValueError) as e:
             raise UserError(f"data: {e}") from None
         if num_samples is None:
-            raise UserError(f"data.num_samples is not set and {spec.data.url} has no manifest.json to count; "
+            raise UserError(f"data.num_samples is not set and {data.url} has no manifest.json to count; "
                             "set data.num_samples or build the dataset with `python -m mae_core.data shard`")
         try:
-            sched = Schedule.derive(o, r.per_device_batch, r.world_size, num_samples)
+            sched = Schedule.derive(o, per_device_batch, r.world_size, num_samples)
         except ScheduleError as e:
             raise UserError(str(e)) from None
         gpu_hours = (o.epochs * num_samples / r.img_s_per_device / 3600) if r.img_s_per_device else None

@@ -3,40 +3,16 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from trainer_runs import final_weights, launch, losses, write_config
+from trainer_runs import children, final_weights, launch, losses, run_until_step, write_config
 
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer
 from mae_core.contract import PREEMPTED_EXIT_CODE
-
-STEP_LINE = re.compile(r"step (\d+)/")
-
-
-def children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def run_until_step(config: Path, nproc: int, step: int) -> tuple[subprocess.Popen[str], int]:
-    """Start a run and return once rank 0 has logged ``step``; also returns the last step seen."""
-    proc = subprocess.Popen([sys.executable, "-m", "mae_core.launch", "--nproc", str(nproc), str(config)],
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 120
-    for line in proc.stderr:
-        match = STEP_LINE.search(line)
-        if match and int(match.group(1)) >= step:
-            return proc, int(match.group(1))
-        assert time.monotonic() < deadline, "run did not reach the step in time"
-    raise AssertionError(f"run ended before step {step}: exit {proc.wait()}")
 
 
 @pytest.mark.parametrize(("target", "signum"), [("rank1", signal.SIGUSR2), ("launcher", signal.SIGTERM)])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,3 +105,24 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any], exact: bool = True) 
             assert torch.equal(a[k], b[k]), k
         else:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+STEP_LINE = re.compile(r"step (\d+)/")
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def run_until_step(config: Path, nproc: int, step: int) -> tuple[subprocess.Popen[str], int]:
+    """Start a run and return once rank 0 has logged ``step``; also returns the last step seen."""
+    proc = subprocess.Popen([sys.executable, "-m", "mae_core.launch", "--nproc", str(nproc), str(config)],
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:
+        match = STEP_LINE.search(line)
+        if match and int(match.group(1)) >= step:
+            return proc, int(match.group(1))
+        assert time.monotonic() < deadline, "run did not reach the step in time"
+    raise AssertionError(f"run ended before step {step}: exit {proc.wait()}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mae_core.data.config import SYNTHETIC_SAMPLES, DataConfig
+from mae_core.data.config import SYNTHETIC_HAS_NO_LABELS, SYNTHETIC_SAMPLES, DataConfig
 
 if TYPE_CHECKING:
     from mae_core.data.base import BatchSource
@@ -16,8 +16,11 @@ if TYPE_CHECKING:
 
 def build_source(cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
                  batches_multiple: int = 1) -> BatchSource:
-    """The trainer's data for this rank; ``batches_multiple`` is the gradient-accumulation count."""
+    """The trainer's data for this rank; ``batches_multiple`` is the gradient-accumulation count.
+    With ``data.labels`` it yields (images, labels) batches (tar shards or image folders only)."""
     if cfg.url is None:
+        if cfg.labels:
+            raise ValueError(SYNTHETIC_HAS_NO_LABELS)
         from mae_core.data.synthetic import SyntheticSource
 
         return SyntheticSource(dataset_size(cfg) or SYNTHETIC_SAMPLES, cfg.input_size, batch_size, rank, world_size,
@@ -43,4 +46,29 @@ def dataset_size(cfg: DataConfig) -> int | None:
     return manifest_samples(cfg.url)
 
 
-__all__ = ["DataConfig", "build_source", "dataset_size"]
+def class_names(cfg: DataConfig) -> list[str] | None:
+    """The dataset's class names in label order (label i is ``class_names(cfg)[i]``): the
+    ``classes`` of its manifest.json, or an image folder's class sub-folders, sorted. None when it
+    names none (synthetic data, no classes, shards without a manifest, or a manifest that only
+    counts them). Reads the manifest, or lists the whole image folder."""
+    if cfg.url is None:
+        return None
+    from mae_core.data.sources import dataset_classes
+
+    names = dataset_classes(cfg.url)[0]
+    return list(names) if names else None
+
+
+def num_classes(cfg: DataConfig) -> int | None:
+    """Classes the labels index (labels run 0..num_classes-1): the manifest's ``num_classes`` (or
+    the count of its class names), or an image folder's class sub-folders. None when the data
+    holds no labels (synthetic data, a flat folder) or only reading every sample could tell (shards
+    named by a pattern or a list, or without a manifest)."""
+    if cfg.url is None:
+        return None
+    from mae_core.data.sources import dataset_classes
+
+    return dataset_classes(cfg.url)[1] or None
+
+
+__all__ = ["DataConfig", "build_source", "class_names", "dataset_size", "num_classes"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 SYNTHETIC_SAMPLES = 1024
+SYNTHETIC_HAS_NO_LABELS = ("data.labels needs a data.url with labels (tar shards with .cls members, or an image "
+                           "folder with class sub-folders); synthetic data (data.url None) has none")
 
 
 class DataConfig(BaseModel):
@@ -22,6 +24,11 @@ class DataConfig(BaseModel):
         f"{SYNTHETIC_SAMPLES} (synthetic data)",
     )
     input_size: int = Field(default=32, gt=0, description="side of the square crops fed to the model")
+    labels: bool = Field(
+        default=False,
+        description="read each sample's class label (batches become (images, labels)); needs a dataset with "
+        "labels: .cls members in its tar shards, or an image folder with class sub-folders",
+    )
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank")
     shuffle_buffer: int = Field(
         default=1000, gt=0,

@@ -36,6 +36,11 @@ def photo_folder() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
+def demo_classes() -> list[str]:
+    """The demo dataset's class names in label order: its source photos' names, sorted."""
+    return sorted(name.split(".")[0] for name in PHOTOS)
+
+
 def parse_image_size(text: str) -> tuple[int, int]:
     """'64' -> (64, 64); '500x375' -> (500, 375), width first."""
     parts = text.lower().split("x")
@@ -69,8 +74,10 @@ def demo_samples(count: int, size: tuple[int, int], seed: int = 0) -> Iterator[t
 def build_demo(dest: str, count: int, size: tuple[int, int], fmt: Format = "shards", seed: int = 0,
                shard_bytes: int = 64 * 2**20, jobs: int = 4, progress: Progress | None = None) -> int:
     """Write the demo dataset to ``dest``: tar shards with ``.cls`` labels and a manifest, or an image
-    folder with one sub-folder per photo. Returns the bytes written."""
-    classes = sorted(name.split(".")[0] for name in PHOTOS)
+    folder with one sub-folder per photo. A sample's class is its source photo: the label is the
+    photo's index among the sorted photo names (``demo_classes``), the class name the photo's name,
+    and the manifest records them (``classes``, ``num_classes``). Returns the bytes written."""
+    classes = demo_classes()
     label_of = {name: index for index, name in enumerate(classes)}
     written = 0
     if fmt == "shards":

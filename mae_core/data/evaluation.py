@@ -1,4 +1,5 @@
-"""A dataset's first images with the evaluation transform, for looking at what a model does.
+"""A dataset's images with the evaluation transform: its first ones, for looking at what a model
+does, and a whole labelled split, for evaluating an encoder (linear probe, fine-tuning).
 
 Training crops at random (``augment``); evaluation takes the centre: the largest centred square
 of the image, resized (bicubic) to the model's input size, which is "resize the shorter side,
@@ -6,12 +7,17 @@ then centre-crop" in one resampling. Pixels are standardised exactly as in train
 (``augment.normalise``). "First" is storage order: the dataset's read units as ``sources.resolve``
 lists them, each unit's samples in order, skipping images that do not decode. Synthetic data
 (no ``data.url``) gives the first images of the run's own seeded synthetic set.
+
+``validation_batches`` reads a split once, in the same storage order, with its class labels: rank
+r of w takes the contiguous slice [n*r//w, n*(r+1)//w) of the n samples, so the ranks together
+see each sample exactly once, with no shuffle, no fill and no drop-last.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
 
 import fsspec
 import numpy as np
@@ -20,9 +26,10 @@ from PIL import Image
 
 from mae_core.data import SYNTHETIC_SAMPLES, dataset_size
 from mae_core.data.augment import MEAN, STD, UnreadableImage, _decoding, normalise
-from mae_core.data.config import DataConfig
+from mae_core.data.config import SYNTHETIC_HAS_NO_LABELS, DataConfig
 from mae_core.data.readers import read_unit
-from mae_core.data.sources import resolve
+from mae_core.data.sources import Dataset, resolve
+from mae_core.data.stream import DataError, check_label_range, check_labelled, unlabelled
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +97,91 @@ def first_images(cfg: DataConfig, count: int, seed: int) -> torch.Tensor:
                     return normalise(np.stack(crops))
             start = stop
     raise NotEnoughImages(f"data.url {dataset.description} holds only {len(crops)} readable images, fewer than {count}")
+
+
+def _split(cfg: DataConfig) -> Dataset:
+    if cfg.url is None:
+        raise ValueError(SYNTHETIC_HAS_NO_LABELS)
+    dataset = resolve(cfg.url, cfg.files_per_read)
+    declared = dataset_size(cfg)
+    if declared is not None and declared != dataset.samples:
+        raise ValueError(f"data.num_samples={declared} but data.url {dataset.description} holds {dataset.samples} "
+                         "samples; remove data.num_samples or correct it")
+    check_labelled(dataset)
+    return dataset
+
+
+def split_size(cfg: DataConfig) -> int:
+    """Samples in the split ``validation_batches`` reads: its ranks together yield this many, less
+    any that do not decode (each logged)."""
+    return _split(cfg).samples
+
+
+def rank_slice(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of the samples, in storage order, that ``rank`` evaluates; may be empty."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def validation_batches(cfg: DataConfig, batch_size: int, rank: int,
+                       world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the split in ``cfg``, once, in storage order: (images, labels) batches,
+    images (B, 3, S, S) float32 centre crops normalised like training, labels (B,) int64. Every
+    batch holds ``batch_size`` samples but the last, which may be short; a rank with no samples
+    yields nothing. The data is checked here, before the first batch: it must have labels
+    (``data.labels`` itself is not needed). Samples that do not decode are skipped and logged, up
+    to ``data.max_skip_fraction`` of the rank's share (then DataError)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    dataset = _split(cfg)
+    return _validation(cfg, dataset, batch_size, *rank_slice(dataset.samples, rank, world_size))
+
+
+def _validation(cfg: DataConfig, dataset: Dataset, batch_size: int, start: int,
+                stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    crops: list[np.ndarray] = []
+    labels: list[int] = []
+    ids: list[str] = []
+    skipped, bad_units = 0, set[str]()
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        out = normalise(np.stack(crops)), torch.tensor(labels, dtype=torch.int64)
+        check_label_range(out[1], ids, dataset.num_classes)
+        crops.clear()
+        labels.clear()
+        ids.clear()
+        return out
+
+    offset = 0
+    for unit in dataset.units:
+        first, offset = offset, offset + unit.samples
+        wanted = set(range(max(start, first) - first, min(stop, offset) - first))
+        if not wanted:
+            continue
+        fs = fsspec.core.url_to_fs(unit.url)[0]
+        # Delivered in storage order; what could not be read comes last, and is skipped.
+        for sample in read_unit(unit, fs, wanted, cfg.io_retries, labels=True):
+            try:
+                if sample.data is None:
+                    raise UnreadableImage(sample.error)
+                crop = center_crop(sample.data, cfg.input_size)
+            except UnreadableImage as e:
+                log.warning("data: skipped %s in %s: %s", sample.id, unit.url, e)
+                skipped += 1
+                bad_units.add(unit.url)
+                if skipped > cfg.max_skip_fraction * (stop - start):
+                    raise DataError(f"data: {skipped} of the {stop - start} samples this rank evaluates do not "
+                                    f"decode, more than data.max_skip_fraction={cfg.max_skip_fraction} allows; "
+                                    f"they are in {', '.join(sorted(bad_units))}; replace or remove those "
+                                    "shards, or raise data.max_skip_fraction") from None
+                continue
+            if sample.label is None:
+                raise unlabelled(f"{sample.id} in {unit.url}")
+            crops.append(crop)
+            labels.append(sample.label)
+            ids.append(sample.id)
+            if len(crops) == batch_size:
+                yield batch()
+    if crops:
+        yield batch()

@@ -2,6 +2,10 @@
 
 A unit's samples are numbered by ordinal: in a tar, the n-th key (WebDataset layout) that has an
 image member; in a file group, the n-th file. Readers fetch only the ordinals they are asked for.
+
+Class labels, read only when asked for: in a tar, the integer in the sample's ``.cls`` member (one
+of the members adjacent to its image under the same key, before or after it); in a file group, the
+index of the image's class sub-folder, which the group carries.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import tarfile
 import time
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from fsspec import AbstractFileSystem
 
@@ -33,6 +37,7 @@ class Sample:
     id: str  # unique within the dataset; seeds the sample's augmentation
     data: bytes | None  # None when unreadable, with the reason in ``error``
     error: str | None = None
+    label: int | None = None  # the class label, when asked for and the sample has one
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -56,20 +61,75 @@ def image_members(tar: tarfile.TarFile) -> Iterator[tuple[int, str, tarfile.TarI
         yield ordinal, key, member
 
 
-def tar_samples(fileobj: IO[bytes], wanted: Container[int], last: int) -> Iterator[tuple[int, str, bytes]]:
-    """The wanted samples of a tar stream; stops after ordinal ``last`` without reading further."""
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes | None:
+    extracted = tar.extractfile(member)
+    if extracted is None:
+        return None
+    try:
+        return extracted.read()
+    except (tarfile.TarError, EOFError) as e:
+        raise tarfile.ReadError(f"{e} in {member.name}") from e
+
+
+def parse_label(data: bytes | None) -> int | None:
+    """A ``.cls`` member's integer; None when it holds none."""
+    try:
+        return int(data) if data is not None else None
+    except ValueError:
+        return None
+
+
+def tar_samples(fileobj: IO[bytes], wanted: Container[int], last: int,
+                labels: bool = False) -> Iterator[tuple[int, str, bytes, int | None]]:
+    """(ordinal, key, image bytes, label) of the wanted samples of a tar stream; stops after ordinal
+    ``last`` without reading further. Without ``labels`` the label is None and no ``.cls`` is read."""
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        if labels:
+            yield from _labelled_samples(tar, wanted, last)
+            return
         for ordinal, key, member in image_members(tar):
             if ordinal in wanted:
-                extracted = tar.extractfile(member)
-                if extracted is not None:
-                    try:
-                        data = extracted.read()
-                    except (tarfile.TarError, EOFError) as e:
-                        raise tarfile.ReadError(f"{e} in {member.name}") from e
-                    yield ordinal, key, data
+                data = _read_member(tar, member)
+                if data is not None:
+                    yield ordinal, key, data, None
             if ordinal >= last:
                 return
+
+
+def _labelled_samples(tar: tarfile.TarFile, wanted: Container[int],
+                      last: int) -> Iterator[tuple[int, str, bytes, int | None]]:
+    """``tar_samples`` with each sample's ``.cls``: the same ordinals as ``image_members``; a sample
+    is complete, and yielded, at the first member under another key (or the end of the tar)."""
+    ordinal, previous = -1, None
+    current: list[Any] | None = None  # [ordinal, key, data, label] of the wanted sample being read
+    early: tuple[str, int | None] | None = None  # a .cls met before its sample's image
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, ext = split_member(member.name)
+        if current is not None and key != current[1]:
+            yield current[0], current[1], current[2], current[3]
+            current = None
+            if ordinal >= last:
+                return
+        if early is not None and early[0] != key:
+            early = None
+        if ext in IMAGE_EXTS and key != previous:
+            ordinal, previous = ordinal + 1, key
+            if ordinal in wanted:
+                data = _read_member(tar, member)
+                if data is not None:
+                    current = [ordinal, key, data, early[1] if early is not None else None]
+            early = None
+            if current is None and ordinal >= last:
+                return
+        elif ext == "cls":
+            if current is not None:  # same key, by the check above
+                current[3] = parse_label(_read_member(tar, member))
+            elif key != previous:
+                early = key, parse_label(_read_member(tar, member))
+    if current is not None:
+        yield current[0], current[1], current[2], current[3]
 
 
 def count_tar_samples(fs: AbstractFileSystem, url: str) -> int:
@@ -97,10 +157,10 @@ class TarShard:
     def sample_name(self, ordinal: int) -> str:
         return f"{self.name}#{ordinal}"
 
-    def stream(self, fs: AbstractFileSystem, wanted: set[int]) -> Iterator[Sample]:
+    def stream(self, fs: AbstractFileSystem, wanted: set[int], labels: bool = False) -> Iterator[Sample]:
         with fs.open(self.url, "rb", block_size=STREAM_BLOCK) as f:
-            for ordinal, key, data in tar_samples(f, wanted, max(wanted)):
-                yield Sample(ordinal, f"{self.name}/{key}", data)
+            for ordinal, key, data, label in tar_samples(f, wanted, max(wanted), labels):
+                yield Sample(ordinal, f"{self.name}/{key}", data, label=label)
 
 
 @dataclass(frozen=True)
@@ -110,6 +170,12 @@ class FileGroup:
     url: str  # the folder's URL, for messages
     root: str
     paths: tuple[str, ...]
+    # The class label of each path (its class sub-folder's index), -1 for an image at the root;
+    # empty when not known.
+    labels: tuple[int, ...] = ()
+
+    def label(self, ordinal: int) -> int | None:
+        return self.labels[ordinal] if self.labels and self.labels[ordinal] >= 0 else None
 
     @property
     def samples(self) -> int:
@@ -118,7 +184,8 @@ class FileGroup:
     def sample_name(self, ordinal: int) -> str:
         return self.paths[ordinal]
 
-    def stream(self, fs: AbstractFileSystem, wanted: set[int]) -> Iterator[Sample]:
+    def stream(self, fs: AbstractFileSystem, wanted: set[int], labels: bool = False) -> Iterator[Sample]:
+        """``labels`` costs nothing here: a path's label is known without reading."""
         ordinals = sorted(wanted)
         full = [f"{self.root}/{self.paths[o]}" for o in ordinals]
         fetched = fs.cat(full, on_error="return")
@@ -128,17 +195,19 @@ class FileGroup:
         for ordinal, path in zip(ordinals, full, strict=True):
             data = fetched.get(path)
             if isinstance(data, bytes):
-                yield Sample(ordinal, self.paths[ordinal], data)
+                yield Sample(ordinal, self.paths[ordinal], data, label=self.label(ordinal))
             else:
-                yield Sample(ordinal, self.paths[ordinal], None, f"unreadable: {data!r}")
+                yield Sample(ordinal, self.paths[ordinal], None, f"unreadable: {data!r}", self.label(ordinal))
 
 
 Unit = TarShard | FileGroup
 
 
 def read_unit(unit: Unit, fs: AbstractFileSystem, wanted: set[int], retries: int,
-              backoff: float = 0.5) -> Iterator[Sample]:
-    """Every wanted ordinal exactly once: its bytes, or a Sample with ``data=None`` saying why not.
+              backoff: float = 0.5, labels: bool = False) -> Iterator[Sample]:
+    """Every wanted ordinal exactly once: its bytes, or a Sample with ``data=None`` saying why not;
+    with ``labels``, its class label too (None when it has none). Delivered samples come in
+    storage order, the undelivered after them.
 
     A transient failure (network, throttling) re-opens the unit after an exponential backoff and
     skips what was delivered; a permanent one (missing, corrupt, truncated) gives up on the rest.
@@ -147,7 +216,7 @@ def read_unit(unit: Unit, fs: AbstractFileSystem, wanted: set[int], retries: int
     attempt, reason = 0, "the shard holds fewer samples than its index says"
     while wanted - delivered:
         try:
-            for sample in unit.stream(fs, wanted - delivered):
+            for sample in unit.stream(fs, wanted - delivered, labels):
                 delivered.add(sample.ordinal)
                 yield sample
             break

@@ -48,7 +48,11 @@ def sample_key(path: str) -> tuple[str, str]:
 
 
 class ShardWriter:
-    """Samples in, ``<prefix>-NNNNNN.tar`` shards of at most ``shard_bytes`` (or one sample) out."""
+    """Samples in, ``<prefix>-NNNNNN.tar`` shards of at most ``shard_bytes`` (or one sample) out.
+
+    The manifest records ``classes`` (names in label order) and ``num_classes``: the names' count,
+    or without names one more than the largest label written (0: no sample has a label).
+    """
 
     def __init__(self, dest: str, shard_bytes: int, prefix: str = "train", jobs: int = 4,
                  classes: Sequence[str] = ()) -> None:
@@ -62,11 +66,16 @@ class ShardWriter:
         self.buffer = io.BytesIO()
         self.tar: tarfile.TarFile | None = None
         self.count = 0
+        self.top_label = -1  # the largest label written
         self.manifest: dict[str, Any] = {}
 
     def add(self, key: str, ext: str, data: bytes, label: int | None = None) -> None:
         members = [(f"{key}.{ext}", data)]
         if label is not None:
+            if label < 0 or (self.classes and label >= len(self.classes)):
+                allowed = f"0..{len(self.classes) - 1}, the classes given" if self.classes else "0 and up"
+                raise ValueError(f"sample {key}: label {label} is outside {allowed}")
+            self.top_label = max(self.top_label, label)
             members.append((f"{key}.cls", str(label).encode()))
         size = sum(_BLOCK + -(-len(d) // _BLOCK) * _BLOCK for _, d in members)
         # A closed tar ends with two empty blocks, padded to whole 10 KiB records.
@@ -104,6 +113,7 @@ class ShardWriter:
             "format": "webdataset",
             "samples": sum(s["samples"] for s in self.shards),
             "bytes": sum(s["bytes"] for s in self.shards),
+            "num_classes": len(self.classes) if self.classes else self.top_label + 1,
             "classes": self.classes,
             "shards": self.shards,
         }
@@ -123,7 +133,8 @@ class ShardWriter:
 
 def shard_folder(src: str, dest: str, shard_bytes: int, prefix: str = "train", seed: int = 0, jobs: int = 4,
                  progress: Progress | None = None) -> dict[str, Any]:
-    """Pack an image folder (class sub-folders become ``.cls`` labels) into shards; returns the manifest.
+    """Pack an image folder (class sub-folders become ``.cls`` labels, their sorted names the manifest's
+    ``classes`` in label order, and their count its ``num_classes``) into shards; returns the manifest.
 
     Samples are shuffled once here: a reader's shuffle buffer mixes only within a shard's
     neighbourhood, so shards must not hold one class each.

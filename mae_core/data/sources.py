@@ -32,6 +32,10 @@ _RANGE = re.compile(r"(\d+)\.\.(\d+)")
 class Dataset:
     description: str
     units: tuple[Unit, ...]
+    # Class names in label order, when known (an image folder's class sub-folders, a manifest's list).
+    classes: tuple[str, ...] | None = None
+    # Labels run 0..num_classes-1; 0: the data holds no labels; None: only reading the data could tell.
+    num_classes: int | None = None
 
     @property
     def counts(self) -> list[int]:
@@ -104,16 +108,28 @@ def _resolve_path(url: str, files_per_read: int) -> Dataset:
     if not images:
         raise ValueError(f"data.url {url} holds no images ({', '.join(sorted(IMAGE_EXTS))}) and no .tar shards; "
                          "point it at an image folder, tar shards or a manifest.json")
+    classes = image_classes(images)
+    label_of = {name: index for index, name in enumerate(classes)}
     # A fixed shuffle before grouping, so a read unit mixes classes instead of holding one folder.
     random.Random(0).shuffle(images)
-    groups = [FileGroup(url, path, tuple(images[i : i + files_per_read]))
-              for i in range(0, len(images), files_per_read)]
+    groups = [FileGroup(url, path, tuple(chunk), tuple(image_label(p, label_of) for p in chunk))
+              for chunk in (images[i : i + files_per_read] for i in range(0, len(images), files_per_read))]
     log.info("data: %d images in %s", len(images), url)
-    return Dataset(url, tuple(groups))
+    return Dataset(url, tuple(groups), tuple(classes), len(classes))
 
 
 def _relative_images(root: str, files: list[str]) -> list[str]:
     return sorted(f[len(root) + 1 :] for f in files if image_ext(f) in IMAGE_EXTS)
+
+
+def image_classes(images: list[str]) -> list[str]:
+    """The class names of an image folder's relative image paths: the sorted first-level folder names."""
+    return sorted({p.split("/", 1)[0] for p in images if "/" in p})
+
+
+def image_label(path: str, label_of: dict[str, int]) -> int:
+    """The label of a relative image path: its class sub-folder's index; -1 for an image at the root."""
+    return label_of[path.split("/", 1)[0]] if "/" in path else -1
 
 
 def list_images(url: str) -> tuple[AbstractFileSystem, str, list[str], list[str]]:
@@ -129,20 +145,38 @@ def list_images(url: str) -> tuple[AbstractFileSystem, str, list[str], list[str]
     images = _relative_images(root, fs.find(root))
     if not images:
         raise ValueError(f"{url} holds no images ({', '.join(sorted(IMAGE_EXTS))}); point it at an image folder")
-    classes = sorted({p.split("/", 1)[0] for p in images if "/" in p})
-    return fs, root, images, classes
+    return fs, root, images, image_classes(images)
 
 
-def read_manifest(fs: AbstractFileSystem, url: str) -> list[tuple[str, int]]:
-    """(shard name, samples) of each shard a ``manifest.json`` lists: the one reader of manifests."""
+@dataclass(frozen=True)
+class Manifest:
+    shards: list[tuple[str, int]]  # (shard name, samples) of each shard
+    classes: tuple[str, ...] | None  # names in label order; None when it lists none
+    num_classes: int | None  # see Dataset.num_classes
+
+
+def read_manifest_doc(fs: AbstractFileSystem, url: str) -> Manifest:
+    """A ``manifest.json``: the one reader of manifests. Manifests written before ``num_classes``
+    was recorded count their class names, or say nothing when they list none."""
     fix = "rebuild it with `python -m mae_core.data shard`"
     try:
         doc = json.loads(fs.cat_file(url))
-        return [(str(e["name"]), int(e["samples"])) for e in doc["shards"]]
+        shards = [(str(e["name"]), int(e["samples"])) for e in doc["shards"]]
+        classes = tuple(str(c) for c in doc.get("classes") or ()) or None
+        count = doc.get("num_classes")
+        num_classes = int(count) if count is not None else (len(classes) if classes else None)
+        if classes is not None and num_classes != len(classes):
+            raise ValueError(f"num_classes is {num_classes} but {len(classes)} classes are named")
     except FileNotFoundError:
         raise FileNotFoundError(f"data.url {url} does not exist; check the bucket and path") from None
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"data.url {url} is not a shard manifest ({type(e).__name__}: {e}); {fix}") from None
+    return Manifest(shards, classes, num_classes)
+
+
+def read_manifest(fs: AbstractFileSystem, url: str) -> list[tuple[str, int]]:
+    """(shard name, samples) of each shard a ``manifest.json`` lists."""
+    return read_manifest_doc(fs, url).shards
 
 
 def manifest_samples(url: str) -> int | None:
@@ -157,13 +191,37 @@ def manifest_samples(url: str) -> int | None:
     return sum(samples for _, samples in read_manifest(fs, fs.unstrip_protocol(manifest)))
 
 
+def dataset_classes(url: str | list[str]) -> tuple[tuple[str, ...] | None, int | None]:
+    """(class names, number of classes) of a data URL, as ``Dataset.classes`` and ``num_classes``
+    define them, read cheaply: from a manifest, or by listing an image folder. (None, None) for a
+    pattern, a list, a single shard or a folder of shards without a manifest."""
+    if not isinstance(url, str) or "{" in url or is_tar(url):
+        return None, None
+    fs, path = fsspec.core.url_to_fs(url)
+    path = path.rstrip("/")
+    manifest = path if path.endswith(MANIFEST) else f"{path}/{MANIFEST}"
+    fs.invalidate_cache(posixpath.dirname(manifest))
+    if fs.exists(manifest):
+        doc = read_manifest_doc(fs, fs.unstrip_protocol(manifest))
+        return doc.classes, doc.num_classes
+    if not fs.exists(path):
+        raise FileNotFoundError(f"data.url {url} does not exist; check the bucket and path")
+    if not fs.isdir(path):
+        raise ValueError(f"data.url {url} is a file but neither a .tar shard nor a {MANIFEST}")
+    files = fs.find(path)
+    if any(is_tar(f) and posixpath.dirname(f) == path for f in files):
+        return None, None
+    classes = image_classes(_relative_images(path, files))
+    return tuple(classes), len(classes)
+
+
 def _resolve_manifest(fs: AbstractFileSystem, url: str) -> Dataset:
-    entries = read_manifest(fs, url)
+    doc = read_manifest_doc(fs, url)
     base = url.rsplit("/", 1)[0]
     shards = [TarShard(name if "://" in name or name.startswith("/") else f"{base}/{name}", samples)
-              for name, samples in entries]
+              for name, samples in doc.shards]
     _check_exist([s.url for s in shards], url)
-    return Dataset(url, tuple(shards))
+    return Dataset(url, tuple(shards), doc.classes, doc.num_classes)
 
 
 def _check_exist(urls: list[str], source: str) -> None:

@@ -13,6 +13,9 @@ batch with none takes the first good samples of its reader's range, so the fill 
 the plan, and a resumed run reproduces it. Each rank counts the samples it skipped in its share of
 the epoch (under one layout) and fails once they pass ``data.max_skip_fraction`` of that share,
 checked batch by batch in plan order, so the same data fails at the same batch every time.
+
+With ``data.labels`` every batch comes with the class labels of its samples, in the same order, a
+repeated sample with its label; a decoded sample without a label ends the run naming it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mae_core.data import dataset_size
 from mae_core.data.augment import UnreadableImage, augment, normalise, sample_rng
-from mae_core.data.config import DataConfig
+from mae_core.data.config import SYNTHETIC_HAS_NO_LABELS, DataConfig
 from mae_core.data.order import (
     Layout,
     Segment,
@@ -43,8 +46,8 @@ from mae_core.data.order import (
     segment_items,
     worker_batches,
 )
-from mae_core.data.readers import Sample, Unit, read_unit
-from mae_core.data.sources import resolve
+from mae_core.data.readers import FileGroup, Sample, Unit, read_unit
+from mae_core.data.sources import Dataset, resolve
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +59,50 @@ class DataError(ValueError):
     """Data this run cannot train on; the trainer reports it in one line."""
 
 
+LABELS_FIX = ("put the images in class sub-folders (pack them into shards with `python -m mae_core.data shard`, "
+              "which writes .cls labels), or set data.labels false")
+
+
+def check_labelled(dataset: Dataset) -> None:
+    """Refuse, before reading, data known to lack labels: a manifest or an image folder without
+    classes, an image outside the class sub-folders. Shards without a manifest are checked as read."""
+    if dataset.num_classes == 0:
+        folder = any(isinstance(unit, FileGroup) for unit in dataset.units)
+        where = "its images sit in no class sub-folder" if folder else "its manifest.json records no classes"
+        raise DataError(f"data.url {dataset.description} holds no class labels ({where}), which data.labels and "
+                        f"validation need; {LABELS_FIX}")
+    for unit in dataset.units:
+        if isinstance(unit, FileGroup) and unit.labels and min(unit.labels) < 0:
+            path = unit.paths[unit.labels.index(min(unit.labels))]
+            raise DataError(f"{path} in data.url {dataset.description} sits in no class sub-folder, so it has no "
+                            "class label, which data.labels and validation need; move it into one, or remove it")
+
+
+def unlabelled(where: str) -> DataError:
+    return DataError(f"data: sample {where} has no class label (no .cls member holding an integer); data.labels "
+                     f"needs every sample labelled: {LABELS_FIX}")
+
+
+def check_label_range(labels: torch.Tensor, ids: list[str], num_classes: int | None) -> None:
+    """Labels of a batch within 0..num_classes-1 (only non-negative when the count is unknown)."""
+    top = num_classes if num_classes else None
+    bad = (labels < 0) | (labels >= top) if top is not None else labels < 0
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        sample = ids[i] if i < len(ids) else "a sample repeated to fill a batch"
+        allowed = f"0..{top - 1}, the {top} classes data.url declares" if top is not None else "0 and up"
+        raise DataError(f"data: sample {sample} has label {int(labels[i])}, outside {allowed}; fix its .cls "
+                        "member, or the manifest's num_classes and classes")
+
+
 @dataclass(frozen=True)
 class _ReaderPlan:
     arrival: np.ndarray  # global item ids of the reader's range, in storage order
     needed: np.ndarray  # positions in ``arrival`` still to emit, in emission order
+
+
+# (images, ids, units of skipped samples, labels, the unlabelled sample that ends the stream)
+_WorkerBatch = tuple[torch.Tensor | None, list[str], list[int], torch.Tensor | None, str | None]
 
 
 def _reader_plan(items: np.ndarray, layout: Layout, seed: int, epoch: int, segment: int, rank: int, worker: int,
@@ -80,14 +123,15 @@ class _RankStream(IterableDataset):
     """
 
     def __init__(self, units: tuple[Unit, ...], layout: Layout, rank: int, seed: int, input_size: int,
-                 retries: int, epoch: int, consumed: int, total: int, plans: list[_ReaderPlan]) -> None:
+                 retries: int, epoch: int, consumed: int, total: int, plans: list[_ReaderPlan],
+                 labels: bool = False) -> None:
         self.units, self.layout, self.rank, self.seed = units, layout, rank, seed
-        self.input_size, self.retries = input_size, retries
+        self.input_size, self.retries, self.labels = input_size, retries, labels
         self.epoch, self.consumed, self.total, self.plans = epoch, consumed, total, plans
         self.counts = [u.samples for u in units]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, list[str], list[int]]]:
+    def __iter__(self) -> Iterator[_WorkerBatch]:
         info = get_worker_info()
         physical = 0 if info is None else info.id
         workers = self.layout.workers
@@ -102,9 +146,10 @@ class _RankStream(IterableDataset):
                                      epoch)
             first += per_epoch
 
-    def _batches(self, plan: _ReaderPlan, epoch: int) -> Iterator[tuple[torch.Tensor | None, list[str], list[int]]]:
-        """(images, ids of the batch's decoded samples, unit of each skipped one); images are None
-        only when nothing in the reader's range decodes."""
+    def _batches(self, plan: _ReaderPlan, epoch: int) -> Iterator[_WorkerBatch]:
+        """(images, ids of the batch's decoded samples, unit of each skipped one, labels or None,
+        None or the sample without a label that ends the stream); images are None only when nothing
+        in the reader's range decodes, or with a sample without a label."""
         if not len(plan.needed):
             return
         unit_of = np.searchsorted(self.offsets, plan.arrival, side="right") - 1
@@ -115,10 +160,10 @@ class _RankStream(IterableDataset):
         stop = threading.Event()
         threading.Thread(target=self._read, args=(runs, arrived, stop), daemon=True).start()
         pending: dict[int, Sample] = {}
-        fallback: list[np.ndarray] | None = None
+        fallback: list[tuple[np.ndarray, int | None, str]] | None = None
         try:
             for start in range(0, len(plan.needed), self.layout.batch_size):
-                images, ids, skipped = [], [], []
+                images, labels, ids, skipped = [], [], [], []
                 for pos in plan.needed[start : start + self.layout.batch_size].tolist():
                     while pos not in pending:
                         item = arrived.get()
@@ -126,36 +171,48 @@ class _RankStream(IterableDataset):
                             raise item
                         pending[item[0]] = item[1]
                     sample = pending.pop(pos)
+                    unit = int(unit_of[pos])
                     try:
                         images.append(self._decode(sample, epoch))
-                        ids.append(sample.id)
                     except UnreadableImage as e:
-                        unit = int(unit_of[pos])
                         log.warning("data: skipped %s in %s: %s", sample.id, self.units[unit].url, e)
                         skipped.append(unit)
+                        continue
+                    if self.labels and sample.label is None:
+                        yield None, ids, skipped, None, f"{sample.id} in {self.units[unit].url}"
+                        return
+                    ids.append(sample.id)
+                    labels.append(sample.label)
                 if not images:
                     if fallback is None:
                         fallback = self._first_good(plan, unit_of, ordinal_of, epoch)
-                    images = fallback
-                yield (self._collate(images) if images else None), ids, skipped
+                    missing = [where for _, label, where in fallback if label is None] if self.labels else []
+                    if missing:
+                        yield None, ids, skipped, None, missing[0]
+                        return
+                    images, labels = [crop for crop, _, _ in fallback], [label for _, label, _ in fallback]
+                batch, batch_labels = self._collate(images, labels)
+                yield batch, ids, skipped, batch_labels, None
         finally:
             stop.set()
 
     def _first_good(self, plan: _ReaderPlan, unit_of: np.ndarray, ordinal_of: np.ndarray,
-                    epoch: int) -> list[np.ndarray]:
-        """Up to a batch of the first samples of the reader's range, in storage order, that decode.
+                    epoch: int) -> list[tuple[np.ndarray, int | None, str]]:
+        """(crop, label, where) of up to a batch of the first samples of the reader's range, in
+        storage order, that decode.
 
         Read apart from the prefetching thread, since a resumed reader streams only what is left;
         only a batch with no good sample needs them. Their failures were or will be counted in
         their own batches, so they are not counted here.
         """
-        good: list[np.ndarray] = []
+        good: list[tuple[np.ndarray, int | None, str]] = []
         for u, positions in itertools.groupby(range(len(plan.arrival)), key=lambda p: unit_of[p]):
             unit = self.units[int(u)]
             fs = fsspec.core.url_to_fs(unit.url)[0]
-            for sample in read_unit(unit, fs, {int(ordinal_of[p]) for p in positions}, self.retries):
+            wanted = {int(ordinal_of[p]) for p in positions}
+            for sample in read_unit(unit, fs, wanted, self.retries, labels=self.labels):
                 with contextlib.suppress(UnreadableImage):
-                    good.append(self._decode(sample, epoch))
+                    good.append((self._decode(sample, epoch), sample.label, f"{sample.id} in {unit.url}"))
                 if len(good) == self.layout.batch_size:
                     return good
         return good
@@ -166,7 +223,7 @@ class _RankStream(IterableDataset):
             for unit_index, positions in runs:
                 unit = self.units[unit_index]
                 fs = fsspec.core.url_to_fs(unit.url)[0]
-                for sample in read_unit(unit, fs, set(positions), self.retries):
+                for sample in read_unit(unit, fs, set(positions), self.retries, labels=self.labels):
                     if not _put(arrived, (positions[sample.ordinal], sample), stop):
                         return
             _put(arrived, RuntimeError("data: a reader ended before delivering its plan"), stop)
@@ -180,10 +237,15 @@ class _RankStream(IterableDataset):
             raise UnreadableImage(sample.error)
         return augment(sample.data, self.input_size, sample_rng(self.seed, epoch, sample.id))
 
-    def _collate(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Skipped slots repeat good samples, so every batch keeps its shape and every rank its batch count."""
-        filled = [images[i % len(images)] for i in range(self.layout.batch_size)]
-        return normalise(np.stack(filled))
+    def _collate(self, images: list[np.ndarray],
+                 labels: list[int | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(images, labels or None); skipped slots repeat good samples, labels with them, so every
+        batch keeps its shape and every rank its batch count."""
+        if not images:
+            return None, None
+        filled = [i % len(images) for i in range(self.layout.batch_size)]
+        batch = normalise(np.stack([images[i] for i in filled]))
+        return batch, (torch.tensor([labels[i] for i in filled], dtype=torch.int64) if self.labels else None)
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
@@ -198,14 +260,23 @@ def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
 
 
 class StreamingSource:
-    """The BatchSource of a rank over tar shards or an image folder; see ``order`` for the plan."""
+    """The BatchSource of a rank over tar shards or an image folder; see ``order`` for the plan.
+
+    Iteration yields image batches, or with ``data.labels`` (images, labels) pairs: labels an int64
+    tensor of the batch size, label i that of image i. The class names, in label order, are
+    ``dataset.classes`` (None when unknown) and their count ``dataset.num_classes``.
+    """
 
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
                  batches_multiple: int = 1) -> None:
         if cfg.url is None:
+            if cfg.labels:
+                raise ValueError(SYNTHETIC_HAS_NO_LABELS)
             raise ValueError("data.url is None; StreamingSource needs a URL (build_source serves synthetic data)")
         self.cfg, self.rank, self.seed = cfg, rank, seed
         self.dataset = resolve(cfg.url, cfg.files_per_read)
+        if cfg.labels:
+            check_labelled(self.dataset)
         self.layout = Layout(world_size, max(1, cfg.num_workers), batch_size, batches_multiple, cfg.shuffle_buffer)
         samples = self.dataset.samples
         declared = dataset_size(cfg)
@@ -225,34 +296,43 @@ class StreamingSource:
         self.skipped = 0  # samples skipped in this rank's share of the current segment, and their units
         self.skipped_units: set[int] = set()
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for images, _ in self.iter_with_ids():
-            yield images
+    def __iter__(self) -> Iterator[Any]:
+        """Image batches, or (images, labels) with ``data.labels``."""
+        for batch, _ in self.iter_with_ids():
+            yield batch
 
-    def iter_with_ids(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
-        """Batches with the ids of the samples in them (skipped ones and their fill left out), for checks and tools."""
+    def iter_with_ids(self) -> Iterator[tuple[Any, list[str]]]:
+        """Batches, as ``__iter__`` yields them, with the ids of the samples in them (skipped ones and
+        their fill left out): the i-th id is the sample of row i. For checks and tools."""
         layout = self.layout
         items = segment_items(self.dataset.counts, self.seed, self.epoch, self.finished)
         total = segment_batches(len(items), layout)
         plans = [_reader_plan(items, layout, self.seed, self.epoch, len(self.finished), self.rank, worker,
                               self.batches) for worker in range(layout.workers)]
         stream = _RankStream(self.dataset.units, layout, self.rank, self.seed, self.cfg.input_size,
-                             self.cfg.io_retries, self.epoch, self.batches, total, plans)
+                             self.cfg.io_retries, self.epoch, self.batches, total, plans, self.cfg.labels)
         left = total - self.batches
         share = total * layout.batch_size  # this rank's samples in the segment
-        for images, ids, skipped in DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers):
+        loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers)
+        for images, ids, skipped, labels, unlabelled_sample in loader:
             if left == 0:  # this batch opens the next epoch, read as one segment under this layout
                 self.epoch, self.finished, self.batches, left = self.epoch + 1, [], 0, self.batches_per_epoch
                 self.skipped, self.skipped_units = 0, set()
                 share = self.batches_per_epoch * layout.batch_size
             self.batches += 1
             left -= 1
+            if unlabelled_sample is not None:
+                raise unlabelled(unlabelled_sample)
             self._count_skips(skipped, share)
             if images is None:
                 raise DataError(f"data: no sample in a loader worker's share of epoch {self.epoch} on rank "
                                 f"{self.rank} decodes, so a batch of unreadable samples has nothing to repeat; "
                                 f"they are in {self._bad_shards()}; replace or remove those shards")
-            yield images, ids
+            if not self.cfg.labels:
+                yield images, ids
+            else:
+                check_label_range(labels, ids, self.dataset.num_classes)
+                yield (images, labels), ids
 
     def _count_skips(self, units: list[int], share: int) -> None:
         """Counted in the main process in plan order, so the same data fails at the same batch every time."""
