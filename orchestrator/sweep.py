@@ -6,7 +6,6 @@ config, so submitting the same spec again finds the runs it made before.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import re
 from dataclasses import dataclass
@@ -61,9 +60,18 @@ def expand(spec: ExperimentSpec) -> list[PlannedRun]:
 
 
 def _with(base: dict[str, Any], swept: dict[str, Any]) -> dict[str, Any]:
-    raw = copy.deepcopy(base)
+    """``base`` with the swept values set. Only the sections on a swept path are copied, the rest
+    is shared (validation never mutates it): a deep copy per run was a third of expanding a
+    1,000-run grid."""
+    raw = dict(base)
     for key, value in swept.items():
         if key.split(".")[0] in {"name", "sweep", "storage"}:
             raise UserError(f"sweep over {key!r} is not allowed; sweep model, data, optim or resources fields")
+        node = raw
+        for part in key.split(".")[:-1]:
+            if not isinstance(node.get(part), dict):
+                break  # set_dotted makes the section, or says the path is wrong
+            node[part] = dict(node[part])
+            node = node[part]
         set_dotted(raw, key, value)
     return raw

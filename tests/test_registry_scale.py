@@ -74,7 +74,7 @@ def test_submit_of_a_grid_lists_once_and_writes_each_file_once(s3_bucket: str, r
         new = registry.create_many(runs, profile, steps)
         assert [s.run_id for s in new] == [r.run_id for r in runs]
         counts[size] = dict(requests.calls)
-        # spec.yaml, cluster.yaml, state.json, events.jsonl and the listing mirror: one PUT each.
+        # spec.json, cluster.yaml, state.json, events.jsonl and the listing mirror: one PUT each.
         assert requests.calls.pop("put_object") == 5 * size
         assert requests.most_in_flight > 1
     # What is not a PUT (the existence check) does not grow with the grid: no HEAD or GET per run.

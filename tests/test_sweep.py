@@ -17,8 +17,12 @@ ABLATION = str(REPO / "jobs/ablation_mask_ratio.yaml")
 def test_ablation_plan_lists_six_stable_distinct_runs(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = run_in_process(capsys, "plan", ABLATION, "--set", "data.num_samples=2048")
     assert code == 0, out
-    ids = [r.run_id for r in expand(load_spec(ABLATION, ["data.num_samples=2048"]))]
+    runs = expand(load_spec(ABLATION, ["data.num_samples=2048"]))
+    ids = [r.run_id for r in runs]
     assert len(ids) == len(set(ids)) == 6
+    # Two swept fields of one section: each run has its own values (no section shared between runs).
+    assert [(r.spec.model.mask_ratio, r.spec.model.decoder_depth) for r in runs] == \
+        [(m, d) for m in (0.5, 0.75, 0.9) for d in (1, 8)]
     assert all(i in out for i in ids)
     assert ids == [r.run_id for r in expand(load_spec(ABLATION, ["data.num_samples=2048"]))]
     assert ids[0].startswith("mask_ratio-0.5_decoder_depth-1-")
