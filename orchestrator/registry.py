@@ -275,6 +275,40 @@ class Registry:
         self.write_state(state)
         return state
 
+    def update_many(self, changes: dict[str, dict[str, Any]], event: str,
+                    details: dict[str, dict[str, Any]]) -> dict[str, RunState]:
+        """``update`` then ``event`` for many runs at once, keyed by ``RunState.key``: what a backend
+        records when it hands over a grid. Their states and event logs are read concurrently, then
+        every changed file goes out in one concurrent batch: four requests per run in flight
+        together instead of seven in turn (a 1,000-run grid on S3 spent a minute here)."""
+        _, base = storage.filesystem(self.root)
+        folders = {key: f"{base}/{key}" for key in changes}
+        blobs = self._get_many([f"{f}/{name}" for f in folders.values() for name in ("state.json", "events.jsonl")])
+        files: dict[str, bytes] = {}
+        updated: dict[str, RunState] = {}
+        for key, folder in folders.items():
+            if f"{folder}/state.json" not in blobs:
+                experiment, run_id = key.split("/", 1)
+                self.state(experiment, run_id)  # raises the one-line "not in the registry" error
+            state = RunState.model_validate_json(blobs[f"{folder}/state.json"]).model_copy(update=changes[key])
+            state.updated = time.time()
+            data = state.model_dump_json().encode()
+            files[f"{folder}/state.json"] = data
+            files[f"{base}/{state.experiment}/{STATES}/{state.run_id}.json"] = data
+            files[f"{folder}/events.jsonl"] = blobs.get(f"{folder}/events.jsonl", b"") + \
+                _event_line(state, event, **details.get(key, {}))
+            updated[key] = state
+        self._write_many(files)
+        return updated
+
+    def specs(self, states: list[RunState]) -> dict[str, ExperimentSpec]:
+        """Many runs' specs keyed by ``RunState.key``, fetched concurrently, one GET each."""
+        _, base = storage.filesystem(self.root)
+        paths = {s.key: f"{base}/{s.key}/spec.json" for s in states}
+        blobs = self._get_many(list(paths.values()))
+        return {s.key: ExperimentSpec.model_validate_json(blobs[paths[s.key]]) if paths[s.key] in blobs
+                else self.spec(s.experiment, s.run_id) for s in states}
+
     def experiments(self) -> list[str]:
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in _listing(self.root)
                       if e["type"] == "directory")

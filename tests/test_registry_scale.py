@@ -97,6 +97,28 @@ def test_submit_of_a_grid_lists_once_and_writes_each_file_once(s3_bucket: str, r
     assert "put_object" not in requests.calls
 
 
+def test_a_backend_records_a_grid_it_hands_over_in_concurrent_requests(s3_bucket: str, requests: Requests) -> None:
+    # What a backend's submit records for each run (queued, its job id, a "submitted" event):
+    # per run one GET each of state, events and spec and one PUT each of state, mirror and
+    # events, several in flight, instead of a sequence of seven calls per run.
+    registry = Registry(f"{s3_bucket}/registry")
+    runs, profile, steps = grid(30)
+    new = registry.create_many(runs, profile, steps)
+    requests.reset()
+    specs = registry.specs(new)
+    recorded = registry.update_many({s.key: {"status": "queued", "job_ids": [f"job-{i}"]} for i, s in enumerate(new)},
+                                    "submitted", {s.key: {"job_id": f"job-{i}"} for i, s in enumerate(new)})
+    assert dict(requests.calls) == {"get_object": 3 * 30, "put_object": 3 * 30}
+    assert requests.most_in_flight > 1
+    assert specs == {f"grid/{r.run_id}": r.spec for r in runs}
+    for i, run in enumerate(runs):
+        state = registry.state("grid", run.run_id)
+        assert state == recorded[state.key] and (state.status, state.job_ids) == ("queued", [f"job-{i}"])
+        assert [(e["event"], e.get("job_id")) for e in registry.events("grid", run.run_id)] == \
+            [("created", None), ("submitted", f"job-{i}")]
+    assert {s.run_id: s.status for s in registry.runs("grid")} == {r.run_id: "queued" for r in runs}
+
+
 def test_submit_cut_short_is_completed_by_the_next(tmp_path: Path) -> None:
     # A run counts as created once its listing mirror exists, which is written last.
     registry = Registry(str(tmp_path / "registry"))

@@ -36,21 +36,20 @@ class LocalBackend:
         self.profile = profile
 
     def submit(self, registry: Registry, runs: list[RunState]) -> list[str]:
-        ids = []
+        specs = registry.specs(runs)
+        ids = {s.key: f"local-{uuid.uuid4().hex[:8]}" for s in runs}
+        # Written before the supervisors start: from then on each is the only writer of its state.
+        registry.update_many({s.key: {"status": "queued", "backend": self.name, "job_ids": [*s.job_ids, ids[s.key]],
+                                      "pid": None, "host": os.uname().nodename} for s in runs},
+                             "submitted", {s.key: {"backend": self.name, "job_id": ids[s.key]} for s in runs})
         for state in runs:
-            nproc = registry.spec(state.experiment, state.run_id).resources.world_size
-            job_id = f"local-{uuid.uuid4().hex[:8]}"
-            # Written before the supervisor starts: from then on it is the only writer of the state.
-            state = registry.update(state.experiment, state.run_id, status="queued", backend=self.name,
-                                    job_ids=[*state.job_ids, job_id], pid=None, host=os.uname().nodename)
-            registry.event(state, "submitted", backend=self.name, job_id=job_id)
+            nproc = specs[state.key].resources.world_size
             subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.backends.local", registry.root, state.experiment, state.run_id,
                  str(nproc), str(self.profile.max_concurrent_runs)],
                 start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL)
-            ids.append(job_id)
-        return ids
+        return [ids[s.key] for s in runs]
 
     def status(self, registry: Registry, state: RunState) -> Ended | None:
         if state.status in ACTIVE and state.pid and state.host in (None, os.uname().nodename) \

@@ -131,9 +131,9 @@ class RayBackend:
         ids = []
         for state in runs:
             registry.clear_cancel(state)
-            state = registry.update(state.experiment, state.run_id, status="queued", backend=self.name,
-                                    pid=None, host=None, message=None)
-            registry.event(state, "queued", backend=self.name)
+        registry.update_many({s.key: {"status": "queued", "backend": self.name, "pid": None, "host": None,
+                                      "message": None} for s in runs},
+                             "queued", {s.key: {"backend": self.name} for s in runs})
         for experiment in sorted({s.experiment for s in runs}):
             supervisor = self.ensure_supervisor(registry, experiment)
             ids += [supervisor for s in runs if s.experiment == experiment]

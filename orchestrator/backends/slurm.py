@@ -224,8 +224,9 @@ class SlurmBackend:
 
     def submit(self, registry: Registry, runs: list[RunState]) -> list[str]:
         groups: dict[str, list[tuple[RunState, ExperimentSpec]]] = {}
+        specs = registry.specs(runs)
         for state in runs:
-            spec = registry.spec(state.experiment, state.run_id)
+            spec = specs[state.key]
             key = json.dumps(self.parameters(spec), sort_keys=True)
             groups.setdefault(key, []).append((state, spec))
         ids: dict[str, str] = {}
@@ -237,11 +238,12 @@ class SlurmBackend:
             else:  # one array for the grid
                 jobs = executor.map_array(SlurmRun(), [registry.root] * len(states),
                                           [s.experiment for s in states], [s.run_id for s in states])
+            # Recorded while the jobs are held: no runner writes these states before they are released.
             for state, job in zip(states, jobs, strict=True):
-                state = registry.update(state.experiment, state.run_id, status="queued", backend=self.name,
-                                        job_ids=[*state.job_ids, job.job_id], pid=None, host=None)
-                registry.event(state, "submitted", backend=self.name, job_id=job.job_id)
                 ids[state.key] = job.job_id
+            registry.update_many({s.key: {"status": "queued", "backend": self.name, "job_ids": [*s.job_ids, ids[s.key]],
+                                          "pid": None, "host": None} for s in states},
+                                 "submitted", {s.key: {"backend": self.name, "job_id": ids[s.key]} for s in states})
             array_id = jobs[0].job_id.split("_")[0]
             subprocess.run(["scontrol", "release", array_id], check=True, capture_output=True, timeout=60)
         return [ids[s.key] for s in runs]
