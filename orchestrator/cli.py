@@ -296,7 +296,7 @@ def resume(target: TargetArg, root: RootOpt = None) -> None:
         if state.status == "completed" or state.status in ACTIVE - {"preempted"}:
             console.print(f"{state.key} is {state.status}; nothing to resume")
             continue
-        registry.clear_cancel(state)
+        registry.clear_cancels([state])
         # A fresh requeue budget: the events keep the history of earlier ones.
         state = registry.update(state.experiment, state.run_id, status="pending", message=None, ended=None,
                                 preemptions=0, timeouts=0, failures=0)

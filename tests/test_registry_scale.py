@@ -118,6 +118,14 @@ def test_a_backend_records_a_grid_it_hands_over_in_concurrent_requests(s3_bucket
             [("created", None), ("submitted", f"job-{i}")]
     assert {s.run_id: s.status for s in registry.runs("grid")} == {r.run_id: "queued" for r in runs}
 
+    # Resubmitting forgets cancel requests: one bulk delete, whether a run has one or not.
+    for state in new[:3]:
+        registry.request_cancel(state)
+    requests.reset()
+    registry.clear_cancels(new)
+    assert dict(requests.calls) == {"delete_objects": 1}
+    assert not any(registry.cancel_requested(s) for s in new)
+
 
 def test_submit_cut_short_is_completed_by_the_next(tmp_path: Path) -> None:
     # A run counts as created once its listing mirror exists, which is written last.

@@ -129,8 +129,7 @@ class RayBackend:
         """Queue the runs in the registry and make sure their experiments have a live supervisor;
         the supervisor starts them. Returns each experiment's supervisor job id."""
         ids = []
-        for state in runs:
-            registry.clear_cancel(state)
+        registry.clear_cancels(runs)
         registry.update_many({s.key: {"status": "queued", "backend": self.name, "pid": None, "host": None,
                                       "message": None} for s in runs},
                              "queued", {s.key: {"backend": self.name} for s in runs})
