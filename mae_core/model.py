@@ -69,7 +69,8 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     the kept ones so the expectation is unchanged. The identity at rate 0 or in eval mode."""
     if rate == 0.0 or not training:
         return x
-    keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device).bernoulli_(1 - rate)
+    # In x's dtype: an fp32 mask would promote a bf16 residual stream to fp32 inside the block.
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - rate)
     return x * keep / (1 - rate)
 
 

@@ -27,7 +27,7 @@ from mae_core.config import (
     TrainConfig,
 )
 from mae_core.data import DataConfig, dataset_size
-from mae_core.evaluate.config import EvalConfig, EvalJob, paper_defaults
+from mae_core.evaluate.config import EVAL_JOBS, EvalConfig, EvalJob, paper_defaults
 from mae_core.schedule import Schedule, ScheduleError, accumulation_steps
 from orchestrator.errors import UserError
 from orchestrator.secrets import secret_path
@@ -109,7 +109,7 @@ class EvalSpec(_Section):
     finetune: EvalJobSpec | None = None
 
     def jobs(self) -> list[EvalJob]:
-        return [job for job in ("linprobe", "finetune") if getattr(self, job) is not None]  # type: ignore[misc]
+        return [job for job in EVAL_JOBS if getattr(self, job) is not None]  # type: ignore[misc]
 
 
 class EvaluationOf(_Section):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mae_core.model import build_model
+from mae_core.model import Block, build_model, drop_path
 from mae_core.optim import param_groups
 from mae_core.schedule import lr_at
 
@@ -115,3 +115,15 @@ def test_bf16_autocast_trains_on_cpu() -> None:
         loss, _, _ = model(torch.randn(2, 3, 32, 32))
     loss.backward()
     assert torch.isfinite(loss) and model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_drop_path_keeps_a_bf16_residual_stream_in_bf16() -> None:
+    # Fine-tuning with drop path under bf16 (FSDP's bf16 compute): the stream must stay bf16, or
+    # the next block's bf16 LayerNorm and Linear fail on fp32 input.
+    block = Block(16, 2, drop_path=0.5).to(torch.bfloat16).train()
+    torch.manual_seed(0)
+    out = block(torch.randn(8, 5, 16, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert block(out).dtype == torch.bfloat16
+    kept = drop_path(torch.ones(64, 3, dtype=torch.bfloat16), 0.5, training=True)
+    assert kept.dtype == torch.bfloat16 and set(kept.unique().tolist()) == {0.0, 2.0}

@@ -1,12 +1,14 @@
-"""The evaluation optimizers (paper appendix A): layer-wise lr decay groups and LARS."""
+"""The evaluation optimizers (paper appendix A): layer-wise lr decay groups and LARS; the recipe per model size."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mae_core.config import RuntimeConfig
 from mae_core.model import build_model
 from mae_core.optim import LARS, layer_decay_groups, layer_id, set_lr
+from orchestrator.spec import EvaluationOf, ExperimentSpec
 
 
 @pytest.mark.parametrize("decay", [0.75, 0.65])
@@ -49,3 +51,20 @@ def test_lars_leaves_biases_and_norms_to_plain_momentum_sgd() -> None:
         bias.grad = torch.full((4,), 2.0)
         optimizer.step()
         torch.testing.assert_close(bias.detach(), torch.full((4,), expected))
+
+
+@pytest.mark.parametrize(("arch", "layer_decay", "drop_path", "probe_epochs"), [
+    ("mae_vit_base_patch16", 0.65, 0.1, 90), ("mae_vit_large_patch16", 0.75, 0.2, 50),
+    ("mae_vit_huge_patch14", 0.75, 0.3, 50)])
+def test_an_eval_section_starts_from_the_official_recipe_of_the_model_size(
+        arch: str, layer_decay: float, drop_path: float, probe_epochs: int) -> None:
+    spec = ExperimentSpec.model_validate({"name": "x", "model": {"arch": arch}, "data": {"url": "train"},
+                                          "eval": {"val_url": "val", "linprobe": {}, "finetune": {"epochs": 3}}})
+    runtime = RuntimeConfig(per_device_batch=32)
+    tune = spec.eval_config("out/x/r.finetune", runtime, EvaluationOf(job="finetune", run_id="r"))
+    assert (tune.optim.layer_decay, tune.drop_path, tune.optim.min_lr) == (layer_decay, drop_path, 1e-6)
+    assert (tune.optim.epochs, tune.pool, tune.label_smoothing, tune.mixup, tune.cutmix) == (3, "avg", 0.1, 0.8, 1.0)
+    probe = spec.eval_config("out/x/r.linprobe", runtime, EvaluationOf(job="linprobe", run_id="r"))
+    assert (probe.optim.epochs, probe.optim.blr, probe.optim.global_batch, probe.pool) == (probe_epochs, 0.1, 16384,
+                                                                                           "cls")
+    assert probe.init.url == "out/x/r" and probe.val.url == "val" and probe.data.url == "train"
