@@ -124,10 +124,18 @@ def rank_slice(total: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def validation_batches(cfg: DataConfig, batch_size: int, rank: int,
                        world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of the split in ``cfg``, once, in storage order: (images, labels) batches,
-    images (B, 3, S, S) float32 centre crops normalised like training, labels (B,) int64. Every
-    batch holds ``batch_size`` samples but the last, which may be short; a rank with no samples
-    yields nothing. The data is checked here, before the first batch: it must have labels
+    """``validation_share``'s batches."""
+    return validation_share(cfg, batch_size, rank, world_size)[1]
+
+
+def validation_share(cfg: DataConfig, batch_size: int, rank: int,
+                     world_size: int) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """The most batches this rank's share can hold (fewer when samples do not decode), known
+    before any is read, and the batches themselves, read as they are consumed: this rank's share
+    of the split in ``cfg``, once, in storage order, as (images, labels), images (B, 3, S, S)
+    float32 centre crops normalised like training, labels (B,) int64. Every batch holds
+    ``batch_size`` samples but the last, which may be short; a rank with no samples yields
+    nothing. The data is checked here, before the first batch: it must have labels
     (``data.labels`` itself is not needed). Samples that do not decode are skipped and logged, up
     to ``data.max_skip_fraction`` of the rank's share (then DataError)."""
     if batch_size < 1:
@@ -135,7 +143,8 @@ def validation_batches(cfg: DataConfig, batch_size: int, rank: int,
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     dataset = _split(cfg)
-    return _validation(cfg, dataset, batch_size, *rank_slice(dataset.samples, rank, world_size))
+    start, stop = rank_slice(dataset.samples, rank, world_size)
+    return -(-(stop - start) // batch_size), _validation(cfg, dataset, batch_size, start, stop)
 
 
 def _validation(cfg: DataConfig, dataset: Dataset, batch_size: int, start: int,

@@ -19,8 +19,8 @@ from torch import nn
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer, CheckpointError, load_weights
 from mae_core.contract import CHECKPOINTS_DIR, CheckpointInfo
-from mae_core.data import build_source, num_classes
-from mae_core.data.evaluation import validation_batches
+from mae_core.data import DataConfig, build_source, class_names, num_classes
+from mae_core.data.evaluation import validation_share
 from mae_core.distributed import DistEnv, parallelize
 from mae_core.evaluate.classifier import EncoderClassifier
 from mae_core.evaluate.config import EvalConfig
@@ -84,8 +84,9 @@ def evaluate(cfg: EvalConfig, env: DistEnv) -> TrainResult:
     val = cfg.val.model_copy(update={"labels": True})
     classes = cfg.num_classes or num_classes(data)
     if classes is None:
-        raise ValueError("num_classes is unknown: the training split has no manifest with its classes; set "
-                         "num_classes")
+        raise ValueError("num_classes is unknown: the training split names no classes (an image folder needs "
+                         "class sub-folders, shards a manifest.json with num_classes or classes)")
+    check_same_classes(data, val, classes)
     resuming = Checkpointer(storage.join(cfg.output, CHECKPOINTS_DIR), 0, 1).latest() is not None
     # The pre-trained weights only matter on the first start: a resume loads the job's own checkpoint.
     model = parallelize(build_classifier(cfg, classes, load=not resuming).to(env.device), env, cfg.runtime)
@@ -113,7 +114,7 @@ def evaluate(cfg: EvalConfig, env: DistEnv) -> TrainResult:
         sync_batchnorm_stats(model, env)
 
     def epoch_end(step: int) -> dict[str, float]:
-        return top_k(model, validation_batches(val, cfg.runtime.per_device_batch, env.rank, env.world_size), env)
+        return top_k(model, validation_share(val, cfg.runtime.per_device_batch, env.rank, env.world_size), env)
 
     job = Job(model=model, optimizer=optimizer, source=source, sched=sched, micro_loss=micro_loss,
               fingerprint=cfg.fingerprint(), global_batch=cfg.optim.global_batch, epoch_end=epoch_end,
@@ -121,35 +122,73 @@ def evaluate(cfg: EvalConfig, env: DistEnv) -> TrainResult:
     return run(job, LoopSettings(cfg.output, cfg.checkpoint, cfg.metrics, cfg.stop_after_step), env, attempt)
 
 
+def check_same_classes(train: DataConfig, val: DataConfig, classes: int) -> None:
+    """A label must name the same class in both splits: image-folder labels are each folder's own
+    sorted class sub-folders, so a validation folder missing one class would shift every label after it."""
+    train_names, val_names = class_names(train), class_names(val)
+    if train_names is not None and val_names is not None and train_names != val_names:
+        differ = sorted(set(train_names) ^ set(val_names)) or ["the same names in another order"]
+        raise ValueError(f"the validation split's classes are not the training split's ({len(val_names)} vs "
+                         f"{len(train_names)}; differing: {', '.join(differ[:5])}); give eval.val_url the training "
+                         "split's classes")
+    val_count = num_classes(val)
+    if val_count is not None and val_count != classes:
+        raise ValueError(f"the validation split has {val_count} classes, the training split {classes}; give "
+                         "eval.val_url the training split's classes")
+
+
 @torch.no_grad()
-def top_k(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], env: DistEnv) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) and the mean loss over the whole split, every rank its share.
+def top_k(model: nn.Module, share: tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]],
+          env: DistEnv) -> dict[str, float]:
+    """Top-1 (and, with more than 5 classes, top-5) accuracy in % and the mean loss over the whole
+    split, every rank its share (``validation_share``), read as it goes: only a batch at a time is
+    in memory.
 
     The forward passes are collective under FSDP (each gathers parameters), so every rank runs as
-    many as the rank with the most batches: a rank that has run out repeats a batch and counts nothing.
+    many as the most any rank may have: one that has run out repeats an input and counts nothing.
+    A rank whose data fails goes on the same way and raises once all have finished, so the
+    others are not left waiting in a collective.
     """
     model.eval()
-    mine = list(batches)
-    most = torch.tensor([len(mine)], device=env.device)
+    planned, batches = share
+    most = torch.tensor([planned], device=env.device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    counts = torch.zeros(4, dtype=torch.float64, device=env.device)  # top-1, top-5, samples, loss sum
-    spare = mine[0][0][:1] if mine else None
-    for i in range(int(most.item())):
-        if i >= len(mine):
-            model(spare.to(env.device) if spare is not None else first_input(model, env))
+    # top-1, top-5, samples, loss sum, ranks whose data failed
+    counts = torch.zeros(5, dtype=torch.float64, device=env.device)
+    spare: torch.Tensor | None = None
+    failed: Exception | None = None
+    classes = 0
+    for _ in range(int(most.item())):
+        batch = None
+        if failed is None:
+            try:
+                batch = next(batches, None)
+            except Exception as e:  # re-raised below, after the collectives, with its traceback
+                failed = e
+                counts[4] = 1
+        if batch is None:
+            classes = model(spare if spare is not None else first_input(model, env)).shape[-1]
             continue
-        imgs, labels = mine[i][0].to(env.device), mine[i][1].to(env.device)
+        imgs, labels = batch[0].to(env.device), batch[1].to(env.device)
+        spare = imgs[:1]
         logits = model(imgs)
-        k = min(5, logits.shape[-1])
-        hits = logits.topk(k, dim=-1).indices == labels[:, None]
-        counts += torch.tensor([hits[:, 0].sum().item(), hits.any(dim=-1).sum().item(), len(labels),
-                                F.cross_entropy(logits.float(), labels, reduction="sum").item()],
-                               dtype=torch.float64, device=env.device)
+        classes = logits.shape[-1]
+        hits = logits.topk(min(5, classes), dim=-1).indices == labels[:, None]
+        counts[:4] += torch.tensor([hits[:, 0].sum().item(), hits.any(dim=-1).sum().item(), len(labels),
+                                    F.cross_entropy(logits.float(), labels, reduction="sum").item()],
+                                   dtype=torch.float64, device=env.device)
     dist.all_reduce(counts)
-    top1, top5, n, loss = counts.tolist()
+    top1, top5, n, loss, failures = counts.tolist()
+    if failed is not None:
+        raise failed
+    if failures:
+        raise RuntimeError(f"validation failed on {int(failures)} other rank(s); their logs say why")
     if n == 0:
         raise ValueError("the validation split is empty; check val.url")
-    return {"val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n, "val_loss": loss / n}
+    scores = {"val_top1": 100.0 * top1 / n, "val_loss": loss / n}
+    if classes > 5:  # with 5 classes or fewer, every label is in the top 5
+        scores["val_top5"] = 100.0 * top5 / n
+    return scores
 
 
 def first_input(model: nn.Module, env: DistEnv) -> torch.Tensor:
