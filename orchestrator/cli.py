@@ -332,10 +332,14 @@ def evaluate(run: RunArg,
                         f"{', '.join(map(str, steps)) or 'none'}")
     chosen = steps[-1] if step is None else step
     spec = registry.spec(state.experiment, state.run_id)
-    planned = [plan_evaluation(spec, state, job, chosen, named_step=step is not None, val_url=val) for job in jobs]
-    new = create_and_submit(registry, planned, registry.profile(state.experiment, state.run_id))
+    # RUN.<job> is the evaluation of the final checkpoint, the one an eval: section starts and the
+    # report shows; any other checkpoint's carries its step in its name.
+    named = step is not None or state.status != "completed"
+    planned = [plan_evaluation(spec, state, job, chosen, named_step=named, val_url=val) for job in jobs]
+    new = {s.run_id for s in create_and_submit(registry, planned, registry.profile(state.experiment, state.run_id))}
     for run_ in planned:
-        done = "started" if run_.run_id in {s.run_id for s in new} else "already exists (`maestro resume` continues it)"
+        done = "started" if run_.run_id in new else "already exists, with its own settings (`maestro resume` " \
+            "continues it)"
         console.print(f"{run_.experiment}/{run_.run_id}: {done}; step {chosen}")
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mae_core.config import RuntimeConfig
+from mae_core.evaluate.config import EvalConfig
 from mae_core.model import build_model
 from mae_core.optim import LARS, layer_decay_groups, layer_id, set_lr
 from orchestrator.spec import EvaluationOf, ExperimentSpec
@@ -68,3 +69,13 @@ def test_an_eval_section_starts_from_the_official_recipe_of_the_model_size(
     assert (probe.optim.epochs, probe.optim.blr, probe.optim.global_batch, probe.pool) == (probe_epochs, 0.1, 16384,
                                                                                            "cls")
     assert probe.init.url == "out/x/r" and probe.val.url == "val" and probe.data.url == "train"
+
+
+def test_a_moved_registry_does_not_block_an_evaluation_resume() -> None:
+    # The fingerprint a resume must match covers what the job computes, not where the encoder came from.
+    base = {"job": "linprobe", "output": "o", "model": {}, "init": {"url": "s3://a/exp/r"}, "data": {"url": "d"},
+            "val": {"url": "v"}}
+    moved = EvalConfig.model_validate({**base, "init": {"url": "s3://b/exp/r"}})
+    assert EvalConfig.model_validate(base).fingerprint() == moved.fingerprint()
+    for changed in ({"init": {"url": "s3://a/exp/r", "step": 3}}, {"val": {"url": "other"}}, {"seed": 1}):
+        assert EvalConfig.model_validate({**base, **changed}).fingerprint() != moved.fingerprint()

@@ -92,7 +92,9 @@ class EvalConfig(_Section):
 
     def fingerprint(self) -> str:
         """Hash of what determines the numbers the job produces; a resume must match it."""
-        math_fields = self.model_dump(exclude={"output", "checkpoint", "metrics", "stop_after_step", "runtime"})
+        # Not init.url: a resume loads the job's own checkpoint, and the registry may have moved.
+        math_fields = self.model_dump(exclude={"output": True, "checkpoint": True, "metrics": True,
+                                               "stop_after_step": True, "runtime": True, "init": {"url"}})
         for split in ("data", "val"):
             for key in ("io_retries", "max_skip_fraction"):
                 math_fields[split].pop(key, None)
