@@ -105,9 +105,13 @@ def test_probe_and_fine_tune_of_the_quickstart_encoder_beat_chance_and_fine_tuni
           f"random-init probe {floor['val_top1']:.1f}%, fine-tune {tuned['val_top1']:.1f}%")
     assert probed["val_top1"] > 2 * chance
     assert tuned["val_top1"] > probed["val_top1"]
-    # The random-init floor is measured, not asserted below the probe: here the classes are the
-    # source photos, which colour statistics alone tell apart, and a random encoder keeps those
-    # (the quickstart's 128 steps with norm-pix loss trade them for structure). See the issue notes.
+    # The random-init floor is measured, not asserted below the probe: the 16 classes (source
+    # photos) are too easy to tell a pre-trained encoder from a random one. A probe trained to
+    # convergence on centre-crop features reaches 98-99% with either encoder (pre-trained 98.6,
+    # random 99.6, cls token), and still 98.0 / 98.0 on greyscale crops each standardised to zero
+    # mean and unit variance, where mean and std alone reach 22.5%: random features keep texture,
+    # and the held-out crops overlap the training crops of the same photos. Which one wins this
+    # 8-epoch probe is how fast each one's head trains, not what the encoder learned.
     assert floor["val_top1"] > 2 * chance
     assert probed["epoch"] == tuned["epoch"] == 8
 
