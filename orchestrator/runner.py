@@ -172,6 +172,9 @@ def _record_end(registry: Registry, state: RunState, code: int, last_error: str,
 
     reason = stop_reason() if code == PREEMPTED_EXIT_CODE and not stopped_by else None
     if code == 0:
+        # Its evaluations are recorded before the run is marked completed: whoever sees it completed
+        # (`maestro watch`, waiting for every run to finish) already sees the runs it continues with.
+        _evaluate(registry, state.model_copy(update=fields))
         state = end("completed")
     elif registry.cancel_requested(state):
         state = end("cancelled", message=f"cancelled; {RESUME_HINT}")
@@ -202,8 +205,6 @@ def _record_end(registry: Registry, state: RunState, code: int, last_error: str,
         reason if reason is not None else "failure"
     registry.event(state, state.status, exit_code=code, step=state.step, reason=state.message, ended_by=ended_by,
                    last_checkpoint_step=state.last_checkpoint_step, goodput=goodput.model_dump())
-    if state.status == "completed":
-        _evaluate(registry, state)
     return state
 
 

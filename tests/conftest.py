@@ -143,3 +143,11 @@ def readme_quickstart(tmp_path_factory: pytest.TempPathFactory) -> Quickstart:
     registry = Registry(str(tmp / "runs"))
     [state] = registry.runs("quickstart")
     return registry, state, proc.stdout
+
+
+@pytest.fixture(scope="session")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A labelled validation split: other crops of the demo photos than any training split here."""
+    from eval_chain import build_held_out
+
+    return build_held_out(str(tmp_path_factory.mktemp("val") / "demo-val"))

@@ -3,8 +3,6 @@ classes are their source photos: what a pre-trained encoder is worth, against a 
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import signal
 import warnings
@@ -16,6 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 from conftest import REPO, Quickstart
+from eval_chain import build_train, chain_spec, report_rows
 from maestro_cli import maestro, wait_for
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -25,7 +24,6 @@ from mae_core import storage
 from mae_core.checkpoint import load_weights
 from mae_core.contract import CHECKPOINTS_DIR, PREEMPTED_EXIT_CODE, scan_checkpoints
 from mae_core.data import num_classes
-from mae_core.data.demo import build_demo
 from mae_core.evaluate.config import EvalConfig
 from mae_core.evaluate.job import build_classifier, make_optimizer
 from mae_core.metrics_log import read_records
@@ -34,14 +32,6 @@ from orchestrator.errors import UserError
 from orchestrator.registry import FINISHED, Registry
 from orchestrator.spec import validate
 from orchestrator.testing.specs import merge
-
-
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Other crops of the same demo photos than the quickstart trained on: a held-out split."""
-    url = str(tmp_path_factory.mktemp("val") / "demo-val")
-    build_demo(url, 512, (48, 48), seed=1)
-    return url
 
 
 def eval_config(tmp_path: Path, name: str, quickstart: Quickstart, val: str, **over: Any) -> Path:
@@ -152,18 +142,11 @@ def test_a_preempted_fine_tune_resumes_bit_identically(readme_quickstart: Quicks
 def test_a_sweep_with_eval_continues_into_probes_that_the_report_shows(held_out: str, tmp_path: Path) -> None:
     """`eval:` makes every run continue, once pre-trained, with its linear probe as a run of its own;
     `maestro eval --step 0` adds the random-init floor; `report` shows them next to the swept values."""
-    train = str(tmp_path / "demo")
-    build_demo(train, 512, (48, 48), seed=2)
+    train = build_train(str(tmp_path / "demo"))
     root = str(tmp_path / "registry")
     spec = tmp_path / "chain.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "chain", "seed": 1, "model": {"arch": "mae_vit_micro_patch4"},
-        "data": {"url": train, "input_size": 32}, "optim": {"epochs": 2, "global_batch": 64},
-        "resources": {"gpus_per_node": 1, "per_device_batch": 64}, "runtime": {"threads": 1},
-        "checkpoint": {"interval_steps": 100}, "metrics": {"log_interval": 1, "flush_s": 1.0},
-        "sweep": {"grid": {"model.mask_ratio": [0.5, 0.75]}},
-        "eval": {"val_url": held_out, "linprobe": {"epochs": 2, "global_batch": 64, "blr": 4.0}},
-        "cluster": str(REPO / "cluster_configs/local.yaml")}))
+    spec.write_text(yaml.safe_dump(chain_spec("chain", train, held_out, str(REPO / "cluster_configs/local.yaml"),
+                                              sweep={"grid": {"model.mask_ratio": [0.5, 0.75]}})))
     env = {"MAESTRO_STATE_DIR": str(tmp_path / "state")}
     assert maestro("submit", str(spec), "--root", root, env=env).returncode == 0
     registry = Registry(root)
@@ -191,7 +174,7 @@ def test_a_sweep_with_eval_continues_into_probes_that_the_report_shows(held_out:
     assert out.returncode == 0 and f"{first}.linprobe-step0: started" in out.stdout, out.stdout + out.stderr
     wait_for(lambda: registry.state("chain", f"{first}.linprobe-step0").status in FINISHED, timeout=600,
              what="the random-init probe")
-    table = list(csv.DictReader(io.StringIO(maestro("report", "chain", "--root", root, "--format", "csv").stdout)))
+    table = report_rows("chain", root, env=env)
     assert list(table[0])[:4] == ["run", "model.mask_ratio", "linprobe-step0_top1", "linprobe_top1"]
     assert len(table) == 2 and all(0 <= float(row["linprobe_top1"]) <= 100 for row in table)
     [floor] = [row for row in table if row["run"] == f"chain/{first}"]

@@ -151,6 +151,10 @@ class RayBackend:
         except RuntimeError:  # the Jobs API's answer for an unknown job
             return None
 
+    def job_statuses(self) -> dict[str, str]:
+        """Every job the cluster knows, by submission id: its status."""
+        return {j.submission_id: str(j.status.value) for j in self.client.list_jobs() if j.submission_id}
+
     def ensure_supervisor(self, registry: Registry, experiment: str) -> str:
         current = self.supervisor(registry, experiment)
         if current and self.job_status(current) in LIVE:
@@ -221,6 +225,10 @@ def supervise(root: str, experiment: str) -> int:
     backend: RayBackend | None = None
     copied: set[str] = set()
     while True:
+        # The cluster's jobs before the registry's runs: a run's driver records the runs it starts
+        # (its evaluations) before it exits, so a driver seen ended here has recorded them by the
+        # time the runs are read, and this loop never exits past a run it has not seen.
+        jobs = backend.job_statuses() if backend else None
         states = [s for s in registry.runs(experiment) if s.backend == "ray"]
         if backend is None and states:
             profile = registry.profile(experiment, states[0].run_id)
@@ -228,7 +236,8 @@ def supervise(root: str, experiment: str) -> int:
             backend = RayBackend(profile)
         if backend is None:
             return 0
-        jobs = {j.submission_id: str(j.status.value) for j in backend.client.list_jobs() if j.submission_id}
+        if jobs is None:  # the first look, before this supervisor has started anything
+            jobs = backend.job_statuses()
         live = [s for s in states if s.job_ids and jobs.get(s.job_ids[-1]) in LIVE]
         for s in states:  # keep each ended driver's log past a head-node restart
             for job_id in s.job_ids:
