@@ -170,6 +170,9 @@ def test_a_sweep_with_eval_continues_into_probes_that_the_report_shows(held_out:
     for args, says in refusals:
         refused = maestro("eval", f"chain/{first}", *args, "--root", root, env=env)
         assert refused.returncode == 2 and says in refused.stdout and len(refused.stdout.splitlines()) == 1
+    # Without --step, a completed run's final checkpoint: the probe the chain already made.
+    again = maestro("eval", f"chain/{first}", "--linprobe", "--root", root, env=env)
+    assert again.returncode == 0 and f"{first}.linprobe: already exists" in again.stdout, again.stdout + again.stderr
     out = maestro("eval", f"chain/{first}", "--linprobe", "--step", "0", "--root", root, env=env)
     assert out.returncode == 0 and f"{first}.linprobe-step0: started" in out.stdout, out.stdout + out.stderr
     wait_for(lambda: registry.state("chain", f"{first}.linprobe-step0").status in FINISHED, timeout=600,
