@@ -11,7 +11,8 @@ can read it, and no database or shared filesystem is needed.
         attempt.json     which attempt owns the run now (contract.claim_output)
         metrics/    tb/    checkpoints/    logs/     (written by the trainer and the runner)
     <root>/<experiment>/.states/<run_id>.json    a copy of each state.json, for listing
-    <root>/<experiment>/.index.json              states as last read by `ls`, keyed by version
+    <root>/<experiment>/.index.json              states as last read by `ls`, and its journal cursor
+    <root>/<experiment>/.changes/                which runs changed when (object stores; ``journal``)
 
 Every object is replaced whole by one atomic write (``mae_core.storage``), so a reader polling
 while a run writes sees the previous version or the next, never a torn one. After a run starts,
@@ -35,6 +36,7 @@ from pydantic import BaseModel, Field
 from mae_core import storage
 from mae_core.goodput import Goodput
 from mae_core.progress import progress_url
+from orchestrator import journal
 from orchestrator.errors import UserError
 from orchestrator.profiles import Profile, parse_profile
 from orchestrator.spec import NAME_PATTERN, ExperimentSpec
@@ -167,6 +169,9 @@ def _progress_fields(blob: bytes | None) -> dict[str, Any]:
 class Registry:
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/")
+        # Each experiment's index as this process last left it: `watch` reads the registry every
+        # few seconds, and at 100,000 runs the index is megabytes to fetch again.
+        self._indexes: dict[str, dict[str, Any]] = {}
 
     def run_url(self, experiment: str, run_id: str) -> str:
         return storage.join(self.root, experiment, run_id)
@@ -190,7 +195,6 @@ class Registry:
         cluster = yaml.dump(profile.model_dump(mode="json"), Dumper=_DUMPER, sort_keys=False).encode()
         _, base = storage.filesystem(self.root)
         files: dict[str, bytes] = {}
-        mirrors: dict[str, bytes] = {}
         new: list[RunState] = []
         for run in runs:
             if run.run_id in existing[run.experiment]:
@@ -202,19 +206,36 @@ class Registry:
                              backend=profile.backend, devices=run.spec.resources.world_size,
                              flush_s=run.spec.metrics.flush_s,
                              total_steps=total_steps_by_run[run.run_id])
-            data = state.model_dump_json().encode()
             folder = f"{base}/{run.experiment}/{run.run_id}"
             # JSON, not YAML: PyYAML's representer is pure Python, 30x slower than pydantic's
             # serialiser, and was the largest cost of submitting a 1,000-run grid.
             files[f"{folder}/spec.json"] = run.spec.model_dump_json(indent=2).encode()
             files[f"{folder}/cluster.yaml"] = cluster
-            files[f"{folder}/state.json"] = data
             files[f"{folder}/events.jsonl"] = _event_line(state, "created", swept=run.swept)
-            mirrors[f"{base}/{run.experiment}/{STATES}/{run.run_id}.json"] = data
             new.append(state)
+        self._commit(new, files)
+        return new
+
+    def _commit(self, states: list[RunState], files: dict[str, bytes]) -> None:
+        """Write ``files`` (paths inside the root's filesystem) and these states, in concurrent
+        batches whose order is the rule: the files and each state.json, then the states' listing
+        mirrors, which make a run count as created, so a submit cut short leaves no half-made run;
+        then, on object stores, the journal's records of the changes, so a reader that sees a
+        record finds the mirror it names already written."""
+        fs, base = storage.filesystem(self.root)
+        mirrors: dict[str, bytes] = {}
+        by_experiment: dict[str, list[str]] = {}
+        for state in states:
+            state.updated = time.time()
+            data = state.model_dump_json().encode()
+            files[f"{base}/{state.key}/state.json"] = data
+            mirrors[f"{base}/{state.experiment}/{STATES}/{state.run_id}.json"] = data
+            by_experiment.setdefault(state.experiment, []).append(state.run_id)
         self._write_many(files)
         self._write_many(mirrors)
-        return new
+        if not storage.is_local(fs) and by_experiment:
+            self._write_many({path: blob for exp, run_ids in by_experiment.items()
+                              for path, blob in journal.record_files(f"{base}/{exp}", run_ids).items()})
 
     def _write_many(self, files: dict[str, bytes]) -> None:
         """Write many objects (paths inside the root's filesystem) at once, each atomically as
@@ -256,10 +277,7 @@ class Registry:
                             "check `maestro ls` or --root") from None
 
     def write_state(self, state: RunState) -> None:
-        state.updated = time.time()
-        data = state.model_dump_json().encode()
-        storage.write_bytes(self._url(state.experiment, state.run_id, "state.json"), data)
-        storage.write_bytes(storage.join(self._states_url(state.experiment), f"{state.run_id}.json"), data)
+        self._commit([state], {})
 
     def _states_url(self, experiment: str) -> str:
         return storage.join(self.root, experiment, STATES)
@@ -280,8 +298,8 @@ class Registry:
                     details: dict[str, dict[str, Any]]) -> dict[str, RunState]:
         """``update`` then ``event`` for many runs at once, keyed by ``RunState.key``: what a backend
         records when it hands over a grid. Their states and event logs are read concurrently, then
-        every changed file goes out in one concurrent batch: four requests per run in flight
-        together instead of seven in turn (a 1,000-run grid on S3 spent a minute here)."""
+        every changed file goes out in concurrent batches (``_commit``) instead of seven requests
+        per run in turn (a 1,000-run grid on S3 spent a minute here)."""
         _, base = storage.filesystem(self.root)
         folders = {key: f"{base}/{key}" for key in changes}
         blobs = self._get_many([f"{f}/{name}" for f in folders.values() for name in ("state.json", "events.jsonl")])
@@ -292,14 +310,10 @@ class Registry:
                 experiment, run_id = key.split("/", 1)
                 self.state(experiment, run_id)  # raises the one-line "not in the registry" error
             state = RunState.model_validate_json(blobs[f"{folder}/state.json"]).model_copy(update=changes[key])
-            state.updated = time.time()
-            data = state.model_dump_json().encode()
-            files[f"{folder}/state.json"] = data
-            files[f"{base}/{state.experiment}/{STATES}/{state.run_id}.json"] = data
             files[f"{folder}/events.jsonl"] = blobs.get(f"{folder}/events.jsonl", b"") + \
                 _event_line(state, event, **details.get(key, {}))
             updated[key] = state
-        self._write_many(files)
+        self._commit(list(updated.values()), files)
         return updated
 
     def specs(self, states: list[RunState]) -> dict[str, ExperimentSpec]:
@@ -331,6 +345,8 @@ class Registry:
         """The contents of many small objects (paths inside the root's filesystem) that exist,
         fetched concurrently with one GET each."""
         fs, _ = storage.filesystem(self.root)
+        if not paths:
+            return {}
         if storage.is_local(fs):
             return fs.cat(paths, on_error="omit")
         # max_concurrency=1: above 1, s3fs sends a HEAD before each GET to decide on ranged
@@ -340,35 +356,61 @@ class Registry:
                       **({"max_concurrency": 1} if "s3" in fs.protocol else {}))
 
     def _experiment_states(self, experiment: str) -> list[RunState]:
-        """The states of one experiment from its listing mirror: one listing gives every run's
-        version, and on object stores only the states that changed since the experiment's index
-        was written are fetched; the index is then rewritten for the next reader."""
+        """The states of one experiment. On local disk: every mirror copy, read at once. On object
+        stores, from the experiment's index, which holds every state as last read: a reader whose
+        index had a full listing within ``journal.FULL_LISTING_S`` fetches only the states the
+        change journal names since the index's cursor; otherwise one listing of the mirror gives
+        every run's version and only the states that changed since the index was written are
+        fetched. The index is then rewritten for the next reader."""
         fs, base = storage.filesystem(storage.join(self.root, experiment))
-        local = storage.is_local(fs)
-        versions = self._versions(experiment)
-        index: dict[str, Any] = {}
-        if not local:
-            try:  # one GET, no HEAD before it
-                index = json.loads(storage.read_bytes(storage.join(self.root, experiment, INDEX)))
-            except (FileNotFoundError, ValueError):
-                pass  # none yet, or a torn or foreign file: it only costs the fetches below
-        stale = [r for r in versions if index.get(r, {}).get("version") != versions[r]]
-        if stale:
-            blobs = self._get_many([f"{base}/{STATES}/{r}.json" for r in stale])
-            for path, blob in blobs.items():
-                run_id = path.rsplit("/", 1)[-1].removesuffix(".json")
-                index[run_id] = {"version": versions[run_id], "state": json.loads(blob)}
-            if not local:
-                fs.pipe_file(f"{base}/{INDEX}", json.dumps({r: index[r] for r in versions if r in index}).encode())
-        return [RunState.model_validate(index[r]["state"]) for r in versions if r in index]
+        if storage.is_local(fs):
+            versions = self._versions(experiment)
+            blobs = self._get_many([f"{base}/{STATES}/{r}.json" for r in versions])
+            return [RunState.model_validate_json(blobs[path]) for r in versions
+                    if (path := f"{base}/{STATES}/{r}.json") in blobs]
+        index = self._indexes.get(experiment) or self._read_index(experiment)
+        runs: dict[str, Any] = dict(index["runs"])
+        old = journal.Cursor.model_validate(index["journal"]) if index.get("journal") else None
+        if old is not None and time.time() - old.listed < journal.FULL_LISTING_S:
+            changed, cursor = journal.changes(fs, base, old)
+            fetched = self._get_many([f"{base}/{STATES}/{r}.json" for r in sorted(changed)])
+            versions = None
+        else:
+            cursor = journal.start(fs, base)  # before the listing: what it misses, the journal names
+            versions = self._versions(experiment)
+            stale = [r for r in versions if runs.get(r, {}).get("version") != versions[r]]
+            fetched = self._get_many([f"{base}/{STATES}/{r}.json" for r in stale])
+        for path, blob in fetched.items():
+            run_id = path.rsplit("/", 1)[-1].removesuffix(".json")
+            runs[run_id] = {"version": versions[run_id] if versions else None, "state": json.loads(blob)}
+        if versions is not None:
+            runs = {r: runs[r] for r in versions if r in runs}  # runs whose mirror is gone are gone
+        new = {"journal": cursor.model_dump(), "runs": runs}
+        if fetched or cursor != old or len(runs) != len(index["runs"]):
+            fs.pipe_file(f"{base}/{INDEX}", json.dumps(new).encode())
+        self._indexes[experiment] = new
+        return [RunState.model_validate(entry["state"]) for entry in runs.values()]
 
-    def with_progress(self, states: list[RunState]) -> list[RunState]:
+    def _read_index(self, experiment: str) -> dict[str, Any]:
+        """An experiment's index, as the last reader left it; empty when there is none yet or it
+        is torn, foreign, or from before the change journal (then it only costs fetches)."""
+        try:  # one GET, no HEAD before it
+            index = json.loads(storage.read_bytes(storage.join(self.root, experiment, INDEX)))
+        except (FileNotFoundError, ValueError):
+            return {"runs": {}}
+        if not isinstance(index, dict) or not isinstance(index.get("runs"), dict):
+            return {"runs": {}}
+        return index
+
+    def with_progress(self, states: list[RunState], most: int | None = None) -> list[RunState]:
         """The states as shown to people: a training run's step, loss, img/s and heartbeat from
         its ``progress.json``, which its trainer rewrites on every metrics flush (one concurrent
-        GET per training run, none for others). Nothing is written back to the registry."""
+        GET per training run, none for others), for at most ``most`` training runs, those whose
+        attempt started last. Nothing is written back to the registry."""
         fs, _ = storage.filesystem(self.root)
-        paths = {s.key: fs._strip_protocol(progress_url(self.run_url(s.experiment, s.run_id)))
-                 for s in states if s.status in TRAINING}
+        training = sorted((s for s in states if s.status in TRAINING), key=lambda s: s.attempt_started or 0.0,
+                          reverse=True)[:most]
+        paths = {s.key: fs._strip_protocol(progress_url(self.run_url(s.experiment, s.run_id))) for s in training}
         if not paths:
             return states
         blobs = self._get_many(list(paths.values()))

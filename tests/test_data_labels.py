@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mae_core.data import DataConfig, build_source, class_names, num_classes
+from mae_core.data import DataConfig, build_source, class_names, evaluation, num_classes
 from mae_core.data.augment import MEAN, STD
 from mae_core.data.demo import PHOTOS, build_demo, demo_classes
-from mae_core.data.evaluation import split_size, validation_batches
+from mae_core.data.evaluation import ValidationSplit, validation_batches
 from mae_core.data.readers import tar_samples
 from mae_core.data.shard import ShardWriter, shard_folder
 from mae_core.data.stream import DataError, StreamingSource
@@ -200,7 +200,7 @@ def storage_order(url: str) -> Iterator[tuple[bytes, int]]:
 
 def test_validation_batches_cover_the_split_once_across_ranks(shards: str) -> None:
     cfg = DataConfig(url=shards, input_size=SIZE)  # data.labels is not needed for validation
-    assert split_size(cfg) == FOLDER_IMAGES
+    assert ValidationSplit(cfg).samples == FOLDER_IMAGES
     batches = {rank: list(validation_batches(cfg, 4, rank, 2)) for rank in (0, 1)}
     assert [len(b[1]) for b in batches[0]] == [len(b[1]) for b in batches[1]] == [4, 4, 4, 3]
     images = torch.cat([b[0] for rank in (0, 1) for b in batches[rank]])
@@ -213,6 +213,19 @@ def test_validation_batches_cover_the_split_once_across_ranks(shards: str) -> No
     many = [list(validation_batches(cfg, 8, rank, 40)) for rank in range(40)]
     assert sum(not b for b in many) == 10 and sum(len(x[1]) for b in many for x in b) == FOLDER_IMAGES
     assert [int(x[1]) for b in many for x in b] == labels.tolist()
+
+
+def test_a_validation_split_is_listed_once_however_many_epochs_read_it(shards: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An evaluation reads its split after every epoch: listing it again each time would cost a
+    listing of ImageNet's validation set per epoch."""
+    listed: list[str] = []
+    real = evaluation.resolve
+    monkeypatch.setattr(evaluation, "resolve", lambda *a, **k: listed.append(a[0]) or real(*a, **k))
+    split = ValidationSplit(DataConfig(url=shards, input_size=SIZE))
+    epochs = [[labels.tolist() for _, labels in split.share(4, 0, 1)[1]] for _ in range(3)]
+    assert listed == [shards]
+    assert epochs[0] == epochs[1] == epochs[2] and sum(map(len, epochs[0])) == FOLDER_IMAGES
 
 
 def test_shards_without_labels_fail_in_one_line_naming_the_fix(tmp_path: Path) -> None:
@@ -252,7 +265,7 @@ def test_image_folders_without_class_folders_and_synthetic_data_are_refused(tmp_
         StreamingSource(DataConfig(url=str(tmp_path / "mixed" / "ant"), labels=True), 2, 0, 1, 0)
     synthetic = DataConfig(labels=True)
     for make in (lambda: build_source(synthetic, 4, 0, 1, 0), lambda: StreamingSource(synthetic, 4, 0, 1, 0),
-                 lambda: validation_batches(DataConfig(), 4, 0, 1), lambda: split_size(DataConfig())):
+                 lambda: validation_batches(DataConfig(), 4, 0, 1), lambda: ValidationSplit(DataConfig())):
         with pytest.raises(ValueError, match=r"needs a data.url with labels \(tar shards with .cls members"):
             make()
     assert next(iter(build_source(DataConfig(), 4, 0, 1, 0))).shape == (4, 3, 32, 32)  # unchanged without labels

@@ -15,7 +15,7 @@ import pytest
 
 from mae_core import storage
 from mae_core.progress import write_progress
-from orchestrator import cli
+from orchestrator import cli, journal
 from orchestrator.profiles import Profile, load_profile
 from orchestrator.registry import STATES, Registry, RunState
 from orchestrator.spec import Derived, ExperimentSpec
@@ -34,14 +34,17 @@ def grid(runs: int, name: str = "grid") -> tuple[list[PlannedRun], Profile, dict
 
 
 class Requests:
-    """S3 API calls made through s3fs, by operation, and the most GETs in flight at once."""
+    """S3 API calls made through s3fs, by operation, the prefixes listed, and the most GETs in
+    flight at once."""
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
+        self.listed: list[str] = []
         self.in_flight = self.most_in_flight = 0
 
     def reset(self) -> None:
         self.calls.clear()
+        self.listed.clear()
         self.most_in_flight = 0
 
 
@@ -54,6 +57,8 @@ def requests(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Reques
 
     async def counted(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
         seen.calls[method] += 1
+        if method == "list_objects_v2":
+            seen.listed.append(kwargs["Prefix"])
         seen.in_flight += 1
         seen.most_in_flight = max(seen.most_in_flight, seen.in_flight)
         try:
@@ -74,8 +79,9 @@ def test_submit_of_a_grid_lists_once_and_writes_each_file_once(s3_bucket: str, r
         new = registry.create_many(runs, profile, steps)
         assert [s.run_id for s in new] == [r.run_id for r in runs]
         counts[size] = dict(requests.calls)
-        # spec.json, cluster.yaml, state.json, events.jsonl and the listing mirror: one PUT each.
-        assert requests.calls.pop("put_object") == 5 * size
+        # spec.json, cluster.yaml, state.json, events.jsonl and the listing mirror: one PUT each,
+        # and one change record for the whole grid.
+        assert requests.calls.pop("put_object") == 5 * size + 1
         assert requests.most_in_flight > 1
     # What is not a PUT (the existence check) does not grow with the grid: no HEAD or GET per run.
     assert counts[10].keys() - {"put_object"} == counts[40].keys() - {"put_object"} == {"list_objects_v2"}
@@ -108,7 +114,7 @@ def test_a_backend_records_a_grid_it_hands_over_in_concurrent_requests(s3_bucket
     specs = registry.specs(new)
     recorded = registry.update_many({s.key: {"status": "queued", "job_ids": [f"job-{i}"]} for i, s in enumerate(new)},
                                     "submitted", {s.key: {"job_id": f"job-{i}"} for i, s in enumerate(new)})
-    assert dict(requests.calls) == {"get_object": 3 * 30, "put_object": 3 * 30}
+    assert dict(requests.calls) == {"get_object": 3 * 30, "put_object": 3 * 30 + 1}  # + one change record
     assert requests.most_in_flight > 1
     assert specs == {f"grid/{r.run_id}": r.spec for r in runs}
     for i, run in enumerate(runs):
@@ -146,16 +152,78 @@ def test_ls_on_s3_fetches_changed_states_concurrently_without_a_head_each(s3_buc
         writer.write_state(RunState(experiment="grid", run_id=f"r{i:02d}", step=i))
     requests.reset()
     assert [s.step for s in Registry(root).runs("grid")] == list(range(30))
-    # 30 states and the (absent) index: one GET each, several in flight, one listing, no HEAD.
+    # 30 states and the (absent) index: one GET each, several in flight, no HEAD; listings of
+    # the mirror and of the change journal's folders and newest folder.
     assert requests.calls["get_object"] == 31 and requests.most_in_flight > 1
     assert "head_object" not in requests.calls
-    assert requests.calls["list_objects_v2"] <= 2
+    assert sorted(p.split("/", 2)[2] for p in requests.listed) == [".changes/", f".changes/{journal_folder()}/",
+                                                                   ".states/"]
 
     writer.update("grid", "r07", step=700)
     requests.reset()
-    assert Registry(root).runs("grid")[7].step == 700
+    assert {s.run_id: s.step for s in Registry(root).runs("grid")}["r07"] == 700
     assert requests.calls["get_object"] == 2  # the index, then the one state that changed
     assert "head_object" not in requests.calls
+    # A warm read lists the journal's newest folders, not every run's mirror.
+    assert not any(".states" in p for p in requests.listed) and len(requests.listed) <= 3
+
+
+def journal_folder(offset_ms: int = 0) -> int:
+    return (int(time.time() * 1000) + offset_ms) // journal.FOLDER_MS
+
+
+def test_a_warm_ls_reads_the_change_journal_and_a_full_listing_finds_what_it_missed(
+        s3_bucket: str, requests: Requests, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = f"{s3_bucket}/registry"
+    writer = Registry(root)
+    for i in range(5):
+        writer.write_state(RunState(experiment="grid", run_id=f"r{i}", step=i))
+    Registry(root).runs("grid")  # a full listing: the index and its cursor
+    watcher = Registry(root)  # one process that reads again and again, as `watch` does
+    assert len(watcher.runs("grid")) == 5
+
+    # Nothing changed: a refresh costs listings of the journal, and no GET (the index is in memory).
+    requests.reset()
+    assert [s.step for s in watcher.runs("grid")] == list(range(5))
+    assert "get_object" not in requests.calls and "put_object" not in requests.calls
+
+    # A record that lands late, stamped a minute before the newest one a reader has seen (a writer
+    # whose clock is behind, or a slow PUT), is still read: the reader looks back MARGIN_MS.
+    writer.update("grid", "r1", step=100)
+    assert watcher.runs("grid")[1].step == 100
+    behind = time.time() - 60
+    with pytest.MonkeyPatch.context() as clock:
+        clock.setattr(journal.time, "time", lambda: behind)
+        writer.update("grid", "r2", step=200)
+    assert [s.step for s in watcher.runs("grid")] == [0, 100, 200, 3, 4]
+    # A new run of a grid, written in one batch record, shows too.
+    Registry(root)._commit([RunState(experiment="grid", run_id=f"n{i}") for i in range(2)], {})
+    assert len(watcher.runs("grid")) == 7
+
+    # A change whose record was never written (its writer killed after the mirror) stays unseen by
+    # the journal, until the full listing a reader makes every FULL_LISTING_S.
+    state = writer.state("grid", "r3").model_copy(update={"step": 300})
+    storage.write_bytes(storage.join(root, "grid", STATES, "r3.json"), state.model_dump_json().encode())
+    assert watcher.runs("grid")[3].step == 3
+    monkeypatch.setattr(journal, "FULL_LISTING_S", 0.0)
+    requests.reset()
+    assert watcher.runs("grid")[3].step == 300
+    assert any(".states" in p for p in requests.listed)
+
+
+def test_a_full_listing_deletes_journal_folders_older_than_kept(s3_bucket: str) -> None:
+    root = f"{s3_bucket}/registry"
+    writer = Registry(root)
+    old = time.time() - (journal.KEEP_MS + 2 * journal.FOLDER_MS) / 1000
+    with pytest.MonkeyPatch.context() as clock:
+        clock.setattr(journal.time, "time", lambda: old)
+        writer.write_state(RunState(experiment="grid", run_id="a"))
+    writer.write_state(RunState(experiment="grid", run_id="b"))
+    folders = lambda: sorted(e["name"].rsplit("/", 1)[-1] for e in storage.listdir(  # noqa: E731
+        storage.join(root, "grid", journal.CHANGES)))
+    assert len(folders()) == 2
+    assert {s.run_id for s in Registry(root).runs("grid")} == {"a", "b"}
+    assert folders() == [str(journal_folder())]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -195,6 +263,24 @@ def test_progress_overlay_fetches_only_training_runs(s3_bucket: str, requests: R
     shown = registry.with_progress(states)
     assert [s.step for s in shown] == [50] * 3 + [0] * 7
     assert dict(requests.calls) == {"get_object": 3}
+
+
+def test_ls_fetches_live_progress_of_the_runs_that_started_last_and_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Every training run costs `ls` a GET of its progress.json: past LIVE_PROGRESS of them, the
+    # newest attempts get theirs, and the rest show their state's step under a note that says so.
+    root = str(tmp_path / "registry")
+    registry = Registry(root)
+    for i in range(5):
+        registry.write_state(RunState(experiment="grid", run_id=f"r{i}", status="running", step=i, total_steps=1000,
+                                      attempt_started=1000.0 + i))
+        write_progress(registry.run_url("grid", f"r{i}"), 500 + i)
+    monkeypatch.setattr(cli, "LIVE_PROGRESS", 2)
+    cli.list_runs("grid", root=root)
+    out = capsys.readouterr().out
+    assert "503/1000" in out and "504/1000" in out and "502/1000" not in out
+    assert all(f"{i}/1000" in out for i in range(3))
+    assert "live progress of the 2 training runs that started last; the other 3 show the step" in out
 
 
 def test_reader_never_sees_a_torn_file_while_a_grid_is_created(tmp_path: Path) -> None:

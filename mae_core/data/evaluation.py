@@ -8,7 +8,7 @@ then centre-crop" in one resampling. Pixels are standardised exactly as in train
 lists them, each unit's samples in order, skipping images that do not decode. Synthetic data
 (no ``data.url``) gives the first images of the run's own seeded synthetic set.
 
-``validation_batches`` reads a split once, in the same storage order, with its class labels: rank
+``ValidationSplit`` reads a split once, in the same storage order, with its class labels: rank
 r of w takes the contiguous slice [n*r//w, n*(r+1)//w) of the n samples, so the ranks together
 see each sample exactly once, with no shuffle, no fill and no drop-last.
 """
@@ -99,52 +99,54 @@ def first_images(cfg: DataConfig, count: int, seed: int) -> torch.Tensor:
     raise NotEnoughImages(f"data.url {dataset.description} holds only {len(crops)} readable images, fewer than {count}")
 
 
-def _split(cfg: DataConfig) -> Dataset:
-    if cfg.url is None:
-        raise ValueError(SYNTHETIC_HAS_NO_LABELS)
-    dataset = resolve(cfg.url, cfg.files_per_read)
-    declared = dataset_size(cfg)
-    if declared is not None and declared != dataset.samples:
-        raise ValueError(f"data.num_samples={declared} but data.url {dataset.description} holds {dataset.samples} "
-                         "samples; remove data.num_samples or correct it")
-    check_labelled(dataset)
-    return dataset
-
-
-def split_size(cfg: DataConfig) -> int:
-    """Samples in the split ``validation_batches`` reads: its ranks together yield this many, less
-    any that do not decode (each logged)."""
-    return _split(cfg).samples
-
-
 def rank_slice(total: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop) of the samples, in storage order, that ``rank`` evaluates; may be empty."""
     return total * rank // world_size, total * (rank + 1) // world_size
 
 
+class ValidationSplit:
+    """A labelled split, resolved (listed and checked) once when made: an evaluation reads it every
+    epoch, and listing ImageNet's validation folder again each time costs requests and time.
+    The data is checked here: it must have labels (``data.labels`` itself is not needed)."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        if cfg.url is None:
+            raise ValueError(SYNTHETIC_HAS_NO_LABELS)
+        self.cfg = cfg
+        self.dataset = resolve(cfg.url, cfg.files_per_read)
+        declared = dataset_size(cfg)
+        if declared is not None and declared != self.dataset.samples:
+            raise ValueError(f"data.num_samples={declared} but data.url {self.dataset.description} holds "
+                             f"{self.dataset.samples} samples; remove data.num_samples or correct it")
+        check_labelled(self.dataset)
+
+    @property
+    def samples(self) -> int:
+        """Samples in the split: its ranks together yield this many, less any that do not decode
+        (each logged)."""
+        return self.dataset.samples
+
+    def share(self, batch_size: int, rank: int,
+              world_size: int) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """The most batches this rank's share can hold (fewer when samples do not decode), known
+        before any is read, and the batches themselves, read as they are consumed: this rank's
+        share of the split, once, in storage order, as (images, labels), images (B, 3, S, S)
+        float32 centre crops normalised like training, labels (B,) int64. Every batch holds
+        ``batch_size`` samples but the last, which may be short; a rank with no samples yields
+        nothing. Samples that do not decode are skipped and logged, up to
+        ``data.max_skip_fraction`` of the rank's share (then DataError)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        start, stop = rank_slice(self.samples, rank, world_size)
+        return -(-(stop - start) // batch_size), _validation(self.cfg, self.dataset, batch_size, start, stop)
+
+
 def validation_batches(cfg: DataConfig, batch_size: int, rank: int,
                        world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``validation_share``'s batches."""
-    return validation_share(cfg, batch_size, rank, world_size)[1]
-
-
-def validation_share(cfg: DataConfig, batch_size: int, rank: int,
-                     world_size: int) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """The most batches this rank's share can hold (fewer when samples do not decode), known
-    before any is read, and the batches themselves, read as they are consumed: this rank's share
-    of the split in ``cfg``, once, in storage order, as (images, labels), images (B, 3, S, S)
-    float32 centre crops normalised like training, labels (B,) int64. Every batch holds
-    ``batch_size`` samples but the last, which may be short; a rank with no samples yields
-    nothing. The data is checked here, before the first batch: it must have labels
-    (``data.labels`` itself is not needed). Samples that do not decode are skipped and logged, up
-    to ``data.max_skip_fraction`` of the rank's share (then DataError)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    dataset = _split(cfg)
-    start, stop = rank_slice(dataset.samples, rank, world_size)
-    return -(-(stop - start) // batch_size), _validation(cfg, dataset, batch_size, start, stop)
+    """One rank's batches of the split in ``cfg`` (``ValidationSplit.share``)."""
+    return ValidationSplit(cfg).share(batch_size, rank, world_size)[1]
 
 
 def _validation(cfg: DataConfig, dataset: Dataset, batch_size: int, start: int,

@@ -20,7 +20,7 @@ from mae_core import storage
 from mae_core.checkpoint import Checkpointer, CheckpointError, load_weights
 from mae_core.contract import CHECKPOINTS_DIR, CheckpointInfo
 from mae_core.data import DataConfig, build_source, class_names, num_classes
-from mae_core.data.evaluation import validation_share
+from mae_core.data.evaluation import ValidationSplit
 from mae_core.distributed import DistEnv, parallelize
 from mae_core.evaluate.classifier import EncoderClassifier
 from mae_core.evaluate.config import EvalConfig
@@ -87,6 +87,7 @@ def evaluate(cfg: EvalConfig, env: DistEnv) -> TrainResult:
         raise ValueError("num_classes is unknown: the training split names no classes (an image folder needs "
                          "class sub-folders, shards a manifest.json with num_classes or classes)")
     check_same_classes(data, val, classes)
+    split = ValidationSplit(val)
     resuming = Checkpointer(storage.join(cfg.output, CHECKPOINTS_DIR), 0, 1).latest() is not None
     # The pre-trained weights only matter on the first start: a resume loads the job's own checkpoint.
     model = parallelize(build_classifier(cfg, classes, load=not resuming).to(env.device), env, cfg.runtime)
@@ -114,7 +115,7 @@ def evaluate(cfg: EvalConfig, env: DistEnv) -> TrainResult:
         sync_batchnorm_stats(model, env)
 
     def epoch_end(step: int) -> dict[str, float]:
-        return top_k(model, validation_share(val, cfg.runtime.per_device_batch, env.rank, env.world_size), env)
+        return top_k(model, split.share(cfg.runtime.per_device_batch, env.rank, env.world_size), env)
 
     job = Job(model=model, optimizer=optimizer, source=source, sched=sched, micro_loss=micro_loss,
               fingerprint=cfg.fingerprint(), global_batch=cfg.optim.global_batch, epoch_end=epoch_end,
@@ -141,7 +142,7 @@ def check_same_classes(train: DataConfig, val: DataConfig, classes: int) -> None
 def top_k(model: nn.Module, share: tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]],
           env: DistEnv) -> dict[str, float]:
     """Top-1 (and, with more than 5 classes, top-5) accuracy in % and the mean loss over the whole
-    split, every rank its share (``validation_share``), read as it goes: only a batch at a time is
+    split, every rank its share (``ValidationSplit.share``), read as it goes: only a batch at a time is
     in memory.
 
     The forward passes are collective under FSDP (each gathers parameters), so every rank runs as
