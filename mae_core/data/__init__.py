@@ -15,9 +15,10 @@ if TYPE_CHECKING:
 
 
 def build_source(cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
-                 batches_multiple: int = 1) -> BatchSource:
+                 batches_multiple: int = 1, crop_scale: tuple[float, float] | None = None) -> BatchSource:
     """The trainer's data for this rank; ``batches_multiple`` is the gradient-accumulation count.
-    With ``data.labels`` it yields (images, labels) batches (tar shards or image folders only)."""
+    With ``data.labels`` it yields (images, labels) batches (tar shards or image folders only).
+    ``crop_scale``: the random crops' area range, pre-training's unless given."""
     if cfg.url is None:
         if cfg.labels:
             raise ValueError(SYNTHETIC_HAS_NO_LABELS)
@@ -25,9 +26,10 @@ def build_source(cfg: DataConfig, batch_size: int, rank: int, world_size: int, s
 
         return SyntheticSource(dataset_size(cfg) or SYNTHETIC_SAMPLES, cfg.input_size, batch_size, rank, world_size,
                                seed, batches_multiple)
+    from mae_core.data.augment import SCALE
     from mae_core.data.stream import StreamingSource
 
-    return StreamingSource(cfg, batch_size, rank, world_size, seed, batches_multiple)
+    return StreamingSource(cfg, batch_size, rank, world_size, seed, batches_multiple, crop_scale or SCALE)
 
 
 def dataset_size(cfg: DataConfig) -> int | None:

@@ -20,6 +20,8 @@ from PIL import Image, UnidentifiedImageError
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SCALE = (0.2, 1.0)
+# Linear probing and fine-tuning crop wider (torchvision's default, which the official code keeps).
+EVAL_CROP_SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 # What Pillow raises on bad image bytes: OSError for unidentified, truncated and corrupt data, the
 # others from plugins on malformed headers and tiles. Caught only around the calls that decode, so
@@ -72,15 +74,16 @@ def crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, fl
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def augment(data: bytes, size: int, rng: random.Random, draft: bool = True) -> np.ndarray:
-    """Encoded image -> (size, size, 3) uint8 crop, flipped at random.
+def augment(data: bytes, size: int, rng: random.Random, draft: bool = True,
+            scale: tuple[float, float] = SCALE) -> np.ndarray:
+    """Encoded image -> (size, size, 3) uint8 crop covering ``scale`` of its area, flipped at random.
 
     Raises UnreadableImage when the bytes do not decode; any other exception is a bug.
     """
     with _decoding():
         img = Image.open(io.BytesIO(data))
     full_w, full_h = img.size
-    left, top, w, h = crop_box(full_w, full_h, rng)
+    left, top, w, h = crop_box(full_w, full_h, rng, scale)
     flip = rng.random() < 0.5
     with _decoding():
         if draft:

@@ -43,8 +43,9 @@ class NotEnoughImages(ValueError):
     """The dataset holds fewer readable images than were asked for."""
 
 
-def center_crop(data: bytes, size: int) -> np.ndarray:
-    """Encoded image -> (size, size, 3) uint8: its largest centred square, resized bicubic.
+def center_crop(data: bytes, size: int, fraction: float = 1.0) -> np.ndarray:
+    """Encoded image -> (size, size, 3) uint8: its centred square of ``fraction`` of the shorter
+    side, resized bicubic; 0.875 is "resize the shorter side to 256, centre-crop 224".
 
     Raises UnreadableImage when the bytes do not decode."""
     with _decoding():
@@ -53,7 +54,7 @@ def center_crop(data: bytes, size: int) -> np.ndarray:
     if img.mode != "RGB":
         img = img.convert("RGB")
     w, h = img.size
-    side = min(w, h)
+    side = min(w, h) * fraction
     left, top = (w - side) / 2, (h - side) / 2
     out = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
     return np.asarray(out)
@@ -107,12 +108,13 @@ def rank_slice(total: int, rank: int, world_size: int) -> tuple[int, int]:
 class ValidationSplit:
     """A labelled split, resolved (listed and checked) once when made: an evaluation reads it every
     epoch, and listing ImageNet's validation folder again each time costs requests and time.
-    The data is checked here: it must have labels (``data.labels`` itself is not needed)."""
+    The data is checked here: it must have labels (``data.labels`` itself is not needed). Each
+    image is its centred square of ``crop`` of the shorter side (``center_crop``)."""
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, crop: float = 1.0) -> None:
         if cfg.url is None:
             raise ValueError(SYNTHETIC_HAS_NO_LABELS)
-        self.cfg = cfg
+        self.cfg, self.crop = cfg, crop
         self.dataset = resolve(cfg.url, cfg.files_per_read)
         declared = dataset_size(cfg)
         if declared is not None and declared != self.dataset.samples:
@@ -140,7 +142,7 @@ class ValidationSplit:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         start, stop = rank_slice(self.samples, rank, world_size)
-        return -(-(stop - start) // batch_size), _validation(self.cfg, self.dataset, batch_size, start, stop)
+        return -(-(stop - start) // batch_size), _validation(self.cfg, self.dataset, self.crop, batch_size, start, stop)
 
 
 def validation_batches(cfg: DataConfig, batch_size: int, rank: int,
@@ -149,7 +151,7 @@ def validation_batches(cfg: DataConfig, batch_size: int, rank: int,
     return ValidationSplit(cfg).share(batch_size, rank, world_size)[1]
 
 
-def _validation(cfg: DataConfig, dataset: Dataset, batch_size: int, start: int,
+def _validation(cfg: DataConfig, dataset: Dataset, crop_fraction: float, batch_size: int, start: int,
                 stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     crops: list[np.ndarray] = []
     labels: list[int] = []
@@ -176,7 +178,7 @@ def _validation(cfg: DataConfig, dataset: Dataset, batch_size: int, start: int,
             try:
                 if sample.data is None:
                     raise UnreadableImage(sample.error)
-                crop = center_crop(sample.data, cfg.input_size)
+                crop = center_crop(sample.data, cfg.input_size, crop_fraction)
             except UnreadableImage as e:
                 log.warning("data: skipped %s in %s: %s", sample.id, unit.url, e)
                 skipped += 1

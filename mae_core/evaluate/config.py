@@ -22,6 +22,7 @@ from mae_core.config import (
     RuntimeConfig,
     _Section,
 )
+from mae_core.data.augment import EVAL_CROP_SCALE
 from mae_core.data.config import DataConfig
 
 EvalJob = Literal["linprobe", "finetune"]
@@ -73,6 +74,12 @@ class EvalConfig(_Section):
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     mixup: float = Field(default=0.0, ge=0.0, description="fine-tune: mixup alpha; 0 is off")
     cutmix: float = Field(default=0.0, ge=0.0, description="fine-tune: cutmix alpha; 0 is off")
+    crop_scale: tuple[float, float] = Field(
+        default=EVAL_CROP_SCALE, description="area range of the random training crops; the official probe and "
+        "fine-tune use 0.08-1 (pre-training 0.2-1)")
+    val_crop: float = Field(
+        default=0.875, gt=0.0, le=1.0, description="side of the validation centre crop as a share of the shorter "
+        "side: 0.875 is the paper's resize to 256, then centre-crop 224")
     checkpoint: CheckpointConfig = CheckpointConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -80,6 +87,10 @@ class EvalConfig(_Section):
 
     @model_validator(mode="after")
     def _labelled(self) -> EvalConfig:
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"crop_scale {list(self.crop_scale)} is not an area range: write [low, high] with "
+                             "0 < low <= high <= 1")
         if self.job == "linprobe" and (self.drop_path or self.mixup or self.cutmix):
             raise ValueError("drop_path, mixup and cutmix are fine-tuning settings; a linear probe trains its head "
                              "on frozen features: set them to 0 (or fine-tune)")

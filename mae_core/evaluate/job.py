@@ -87,7 +87,7 @@ def evaluate(cfg: EvalConfig, env: DistEnv) -> TrainResult:
         raise ValueError("num_classes is unknown: the training split names no classes (an image folder needs "
                          "class sub-folders, shards a manifest.json with num_classes or classes)")
     check_same_classes(data, val, classes)
-    split = ValidationSplit(val)
+    split = ValidationSplit(val, cfg.val_crop)
     resuming = Checkpointer(storage.join(cfg.output, CHECKPOINTS_DIR), 0, 1).latest() is not None
     # The pre-trained weights only matter on the first start: a resume loads the job's own checkpoint.
     model = parallelize(build_classifier(cfg, classes, load=not resuming).to(env.device), env, cfg.runtime)
@@ -96,7 +96,7 @@ def evaluate(cfg: EvalConfig, env: DistEnv) -> TrainResult:
 
     accum = accumulation_steps(cfg.optim.global_batch, cfg.runtime.per_device_batch, env.world_size)
     source = build_source(data, cfg.runtime.per_device_batch, env.rank, env.world_size, cfg.seed,
-                          batches_multiple=accum)
+                          batches_multiple=accum, crop_scale=cfg.crop_scale)
     sched = Schedule.derive(cfg.optim, cfg.runtime.per_device_batch, env.world_size, source.num_samples)
 
     def micro_loss(batch: tuple[torch.Tensor, torch.Tensor], step: int, slice_index: int) -> torch.Tensor:
