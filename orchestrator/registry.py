@@ -396,9 +396,12 @@ class Registry:
         is torn, foreign, or from before the change journal (then it only costs fetches)."""
         try:  # one GET, no HEAD before it
             index = json.loads(storage.read_bytes(storage.join(self.root, experiment, INDEX)))
-        except (FileNotFoundError, ValueError):
-            return {"runs": {}}
-        if not isinstance(index, dict) or not isinstance(index.get("runs"), dict):
+            runs = index["runs"]
+            if not all(isinstance(entry, dict) and isinstance(entry.get("state"), dict) for entry in runs.values()):
+                raise ValueError("an index entry without a state")
+            if index.get("journal") is not None:
+                journal.Cursor.model_validate(index["journal"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
             return {"runs": {}}
         return index
 

@@ -17,7 +17,7 @@ from mae_core import storage
 from mae_core.progress import write_progress
 from orchestrator import cli, journal
 from orchestrator.profiles import Profile, load_profile
-from orchestrator.registry import STATES, Registry, RunState
+from orchestrator.registry import INDEX, STATES, Registry, RunState
 from orchestrator.spec import Derived, ExperimentSpec
 from orchestrator.sweep import PlannedRun, expand
 
@@ -209,6 +209,17 @@ def test_a_warm_ls_reads_the_change_journal_and_a_full_listing_finds_what_it_mis
     requests.reset()
     assert watcher.runs("grid")[3].step == 300
     assert any(".states" in p for p in requests.listed)
+
+
+@pytest.mark.parametrize("index", [b"{torn", b'{"a": {"version": 1}}', b'{"runs": {"r0": 3}}',
+                                   b'{"runs": {}, "journal": {"ms": "soon"}}'])
+def test_a_torn_old_or_foreign_index_only_costs_fetches(s3_bucket: str, index: bytes) -> None:
+    root = f"{s3_bucket}/registry"
+    for i in range(3):
+        Registry(root).write_state(RunState(experiment="grid", run_id=f"r{i}", step=i))
+    storage.write_bytes(storage.join(root, "grid", INDEX), index)
+    assert [s.step for s in Registry(root).runs("grid")] == [0, 1, 2]
+    assert [s.step for s in Registry(root).runs("grid")] == [0, 1, 2]  # from the index the first rewrote
 
 
 def test_a_full_listing_deletes_journal_folders_older_than_kept(s3_bucket: str) -> None:
