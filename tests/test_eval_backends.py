@@ -24,6 +24,9 @@ from orchestrator.testing.ray_cluster import RayCluster
 from orchestrator.testing.slurm_cluster import SlurmCluster
 from orchestrator.testing.specs import merge
 
+# Minutes each: `pytest -m 'not slow'` leaves them out of a quick inner loop (CI runs everything).
+pytestmark = pytest.mark.slow
+
 # Checkpoints every 4 steps; on SLURM the probe's 6 epochs of 8 steps leave time to preempt it after
 # its first. Elsewhere the probe is as short as the local test's.
 CHECKPOINTS: dict[str, Any] = {"interval_steps": 4}

@@ -33,6 +33,9 @@ from orchestrator.registry import FINISHED, Registry
 from orchestrator.spec import validate
 from orchestrator.testing.specs import merge
 
+# Minutes each: `pytest -m 'not slow'` leaves them out of a quick inner loop (CI runs everything).
+pytestmark = pytest.mark.slow
+
 
 def eval_config(tmp_path: Path, name: str, quickstart: Quickstart, val: str, **over: Any) -> Path:
     registry, state, _ = quickstart

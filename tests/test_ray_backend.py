@@ -27,6 +27,9 @@ from orchestrator.registry import Registry, RunState
 from orchestrator.testing.ray_cluster import RayCluster
 from orchestrator.testing.specs import merge
 
+# Minutes each: `pytest -m 'not slow'` leaves them out of a quick inner loop (CI runs everything).
+pytestmark = pytest.mark.slow
+
 LIVE = ("PENDING", "RUNNING")
 CANARY = "canary-9f3b2d71e0c4a8"
 

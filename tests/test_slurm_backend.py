@@ -34,6 +34,9 @@ from orchestrator.spec import load_spec
 from orchestrator.testing.slurm_cluster import SlurmCluster
 from orchestrator.testing.specs import merge
 
+# Minutes each: `pytest -m 'not slow'` leaves them out of a quick inner loop (CI runs everything).
+pytestmark = pytest.mark.slow
+
 # 8 steps per epoch: 240 steps, long enough to preempt three times.
 SPEC: dict[str, Any] = {
     "name": "slurm", "seed": 5, "model": {"arch": "mae_vit_micro_patch4"},
