@@ -12,7 +12,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from mae_core.data import DataConfig, build_source
-from mae_core.data.augment import EVAL_CROP_SCALE, MEAN, STD
+from mae_core.data.augment import MEAN, STD
+from mae_core.data.config import EVAL_CROP_SCALE
 from mae_core.data.evaluation import ValidationSplit, center_crop
 from mae_core.evaluate.config import EvalConfig
 

@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from mae_core.data.config import SCALE
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-SCALE = (0.2, 1.0)
-# Linear probing and fine-tuning crop wider (torchvision's default, which the official code keeps).
-EVAL_CROP_SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 # What Pillow raises on bad image bytes: OSError for unidentified, truncated and corrupt data, the
 # others from plugins on malformed headers and tiles. Caught only around the calls that decode, so

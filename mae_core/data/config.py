@@ -5,6 +5,10 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 SYNTHETIC_SAMPLES = 1024
+# Area range of the random crops: pre-training's (the paper's 0.2-1), and the linear probe's and
+# fine-tune's (torchvision's default 0.08-1, which the official code keeps).
+SCALE = (0.2, 1.0)
+EVAL_CROP_SCALE = (0.08, 1.0)
 SYNTHETIC_HAS_NO_LABELS = ("data.labels needs a data.url with labels (tar shards with .cls members, or an image "
                            "folder with class sub-folders); synthetic data (data.url None) has none")
 

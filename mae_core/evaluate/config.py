@@ -22,8 +22,7 @@ from mae_core.config import (
     RuntimeConfig,
     _Section,
 )
-from mae_core.data.augment import EVAL_CROP_SCALE
-from mae_core.data.config import DataConfig
+from mae_core.data.config import EVAL_CROP_SCALE, DataConfig
 
 EvalJob = Literal["linprobe", "finetune"]
 EVAL_JOBS: tuple[str, ...] = ("linprobe", "finetune")
