@@ -29,6 +29,9 @@ from fsspec import AbstractFileSystem
 from pydantic import BaseModel
 
 CHANGES = ".changes"
+# Kept in the journal's folder so that listing it never comes back empty: s3fs answers an empty
+# listing by listing the parent, which here is every run's folder of the experiment.
+ANCHOR = "anchor"
 FOLDER_MS = 600_000
 MARGIN_MS = 300_000
 # A reader lists the whole mirror when its index's last full listing is older than this: the
@@ -66,8 +69,9 @@ def _entries(fs: AbstractFileSystem, path: str) -> list[dict[str, Any]]:
         return []
 
 
-def _folders(fs: AbstractFileSystem, experiment_path: str) -> dict[int, str]:
-    return {int(name): e["name"] for e in _entries(fs, f"{experiment_path}/{CHANGES}")
+def _folders(entries: list[dict[str, Any]]) -> dict[int, str]:
+    """The journal's folders by number, from a listing of the journal."""
+    return {int(name): e["name"] for e in entries
             if e["type"] == "directory" and (name := e["name"].rstrip("/").rsplit("/", 1)[-1]).isdigit()}
 
 
@@ -85,7 +89,10 @@ def start(fs: AbstractFileSystem, experiment_path: str) -> Cursor:
     """The cursor for a full listing of the mirror that follows this call: every record there is
     now is applied by that listing. Deletes folders older than ``KEEP_MS``."""
     now = time.time()
-    folders = _folders(fs, experiment_path)
+    entries = _entries(fs, f"{experiment_path}/{CHANGES}")
+    if not any(e["name"].rsplit("/", 1)[-1] == ANCHOR for e in entries):
+        fs.pipe_file(f"{experiment_path}/{CHANGES}/{ANCHOR}", b"")
+    folders = _folders(entries)
     old = [path for f, path in folders.items() if (f + 1) * FOLDER_MS < now * 1000 - KEEP_MS]
     if old:
         fs.rm(old, recursive=True)
@@ -105,7 +112,7 @@ def changes(fs: AbstractFileSystem, experiment_path: str, cursor: Cursor) -> tup
     """The runs whose state changed since ``cursor``, and the cursor past them: a listing of the
     journal's folder names and of the newest folders, plus one GET per batch record."""
     since = cursor.ms - MARGIN_MS
-    folders = _folders(fs, experiment_path)
+    folders = _folders(_entries(fs, f"{experiment_path}/{CHANGES}"))
     records = _records(fs, [path for f, path in sorted(folders.items()) if (f + 1) * FOLDER_MS > since])
     seen = set(cursor.seen)
     new = [name for name in records if _ms(name) > since and name not in seen]

@@ -222,6 +222,20 @@ def test_a_torn_old_or_foreign_index_only_costs_fetches(s3_bucket: str, index: b
     assert [s.step for s in Registry(root).runs("grid")] == [0, 1, 2]  # from the index the first rewrote
 
 
+def test_a_warm_read_of_a_quiet_experiment_lists_its_journal_alone(s3_bucket: str, requests: Requests) -> None:
+    # Once an experiment's records are deleted (six hours without a change), listing its journal
+    # must not come back empty: s3fs answers that by listing the parent, every run's folder.
+    root = f"{s3_bucket}/registry"
+    for i in range(3):
+        Registry(root).write_state(RunState(experiment="grid", run_id=f"r{i}", step=i))
+    fs, path = storage.filesystem(storage.join(root, "grid", journal.CHANGES))
+    fs.rm(path, recursive=True)
+    Registry(root).runs("grid")  # a full listing
+    requests.reset()
+    assert [s.step for s in Registry(root).runs("grid")] == [0, 1, 2]
+    assert [p.split("/", 1)[1] for p in requests.listed] == ["grid/.changes/"]
+
+
 def test_a_full_listing_deletes_journal_folders_older_than_kept(s3_bucket: str) -> None:
     root = f"{s3_bucket}/registry"
     writer = Registry(root)
@@ -230,8 +244,8 @@ def test_a_full_listing_deletes_journal_folders_older_than_kept(s3_bucket: str) 
         clock.setattr(journal.time, "time", lambda: old)
         writer.write_state(RunState(experiment="grid", run_id="a"))
     writer.write_state(RunState(experiment="grid", run_id="b"))
-    folders = lambda: sorted(e["name"].rsplit("/", 1)[-1] for e in storage.listdir(  # noqa: E731
-        storage.join(root, "grid", journal.CHANGES)))
+    folders = lambda: sorted(name for e in storage.listdir(storage.join(root, "grid", journal.CHANGES))  # noqa: E731
+                             if (name := e["name"].rsplit("/", 1)[-1]) != journal.ANCHOR)
     assert len(folders()) == 2
     assert {s.run_id for s in Registry(root).runs("grid")} == {"a", "b"}
     assert folders() == [str(journal_folder())]
