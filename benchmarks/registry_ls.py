@@ -112,7 +112,7 @@ def registry_objects(sizes: list[int], experiments: int, seed: int, naive_max: i
             # journal (the server starts within minutes; a full listing is due after an hour).
             cursor = journal.Cursor(ms=int(time.time() * 1000), listed=time.time()).model_dump()
             for exp, index in indexes.items():
-                objects[f"{exp}/{INDEX}"] = json.dumps({"journal": cursor, "runs": index}).encode()
+                objects[f"{exp}/{INDEX}"] = json.dumps({"cursor": cursor, "runs": index}).encode()
                 objects[f"{exp}/{journal.CHANGES}/{journal.ANCHOR}"] = b""
         registries[name] = objects
     return registries

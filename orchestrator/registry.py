@@ -120,6 +120,18 @@ class RunState(BaseModel):
         return f"{self.experiment}/{self.run_id}"
 
 
+class _Entry(BaseModel):
+    version: str | None = Field(default=None, description="the mirror's version when read; None: from the journal")
+    state: RunState
+
+
+class _Index(BaseModel):
+    """An experiment's states as last read, and its change journal's cursor (object stores),
+    parsed and validated in one pass by pydantic-core."""
+    cursor: journal.Cursor | None = None
+    runs: dict[str, _Entry] = Field(default_factory=dict)
+
+
 def _version(entry: dict[str, Any]) -> str:
     """What changes whenever an object is rewritten: the ETag on object stores."""
     return str(entry.get("ETag") or entry.get("etag") or f"{entry.get('mtime')}:{entry.get('size')}")
@@ -171,7 +183,7 @@ class Registry:
         self.root = root.rstrip("/")
         # Each experiment's index as this process last left it: `watch` reads the registry every
         # few seconds, and at 100,000 runs the index is megabytes to fetch again.
-        self._indexes: dict[str, dict[str, Any]] = {}
+        self._indexes: dict[str, _Index] = {}
 
     def run_url(self, experiment: str, run_id: str) -> str:
         return storage.join(self.root, experiment, run_id)
@@ -369,41 +381,36 @@ class Registry:
             return [RunState.model_validate_json(blobs[path]) for r in versions
                     if (path := f"{base}/{STATES}/{r}.json") in blobs]
         index = self._indexes.get(experiment) or self._read_index(experiment)
-        runs: dict[str, Any] = dict(index["runs"])
-        old = journal.Cursor.model_validate(index["journal"]) if index.get("journal") else None
-        if old is not None and time.time() - old.listed < journal.FULL_LISTING_S:
-            changed, cursor = journal.changes(fs, base, old)
+        runs = dict(index.runs)
+        if index.cursor is not None and time.time() - index.cursor.listed < journal.FULL_LISTING_S:
+            changed, cursor = journal.changes(fs, base, index.cursor)
             fetched = self._get_many([f"{base}/{STATES}/{r}.json" for r in sorted(changed)])
             versions = None
         else:
             cursor = journal.start(fs, base)  # before the listing: what it misses, the journal names
             versions = self._versions(experiment)
-            stale = [r for r in versions if runs.get(r, {}).get("version") != versions[r]]
+            stale = [r for r in versions if r not in runs or runs[r].version != versions[r]]
             fetched = self._get_many([f"{base}/{STATES}/{r}.json" for r in stale])
         for path, blob in fetched.items():
             run_id = path.rsplit("/", 1)[-1].removesuffix(".json")
-            runs[run_id] = {"version": versions[run_id] if versions else None, "state": json.loads(blob)}
+            runs[run_id] = _Entry(version=versions[run_id] if versions else None,
+                                  state=RunState.model_validate_json(blob))
         if versions is not None:
             runs = {r: runs[r] for r in versions if r in runs}  # runs whose mirror is gone are gone
-        new = {"journal": cursor.model_dump(), "runs": runs}
-        if fetched or cursor != old or len(runs) != len(index["runs"]):
-            fs.pipe_file(f"{base}/{INDEX}", json.dumps(new).encode())
+        new = _Index(cursor=cursor, runs=runs)
+        if fetched or cursor != index.cursor or len(runs) != len(index.runs):
+            fs.pipe_file(f"{base}/{INDEX}", new.model_dump_json().encode())
         self._indexes[experiment] = new
-        return [RunState.model_validate(entry["state"]) for entry in runs.values()]
+        # The index's own objects, not copies (2.5 s at 100,000 runs): callers only read them.
+        return [entry.state for entry in runs.values()]
 
-    def _read_index(self, experiment: str) -> dict[str, Any]:
+    def _read_index(self, experiment: str) -> _Index:
         """An experiment's index, as the last reader left it; empty when there is none yet or it
         is torn, foreign, or from before the change journal (then it only costs fetches)."""
-        try:  # one GET, no HEAD before it
-            index = json.loads(storage.read_bytes(storage.join(self.root, experiment, INDEX)))
-            runs = index["runs"]
-            if not all(isinstance(entry, dict) and isinstance(entry.get("state"), dict) for entry in runs.values()):
-                raise ValueError("an index entry without a state")
-            if index.get("journal") is not None:
-                journal.Cursor.model_validate(index["journal"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
-            return {"runs": {}}
-        return index
+        try:  # one GET, no HEAD before it; parsed and validated in one pass (pydantic-core)
+            return _Index.model_validate_json(storage.read_bytes(storage.join(self.root, experiment, INDEX)))
+        except (FileNotFoundError, ValueError):
+            return _Index()
 
     def with_progress(self, states: list[RunState], most: int | None = None) -> list[RunState]:
         """The states as shown to people: a training run's step, loss, img/s and heartbeat from
