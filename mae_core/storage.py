@@ -77,6 +77,16 @@ def listdir(url: str) -> list[dict[str, Any]]:
     return fs.ls(path, detail=True)
 
 
+def fresh_listing(fs: AbstractFileSystem, path: str) -> list[dict[str, Any]]:
+    """``listdir`` of a path inside ``fs`` without its existence check, which costs object stores a
+    HEAD and another listing: empty when nothing is there."""
+    fs.invalidate_cache(path)
+    try:
+        return fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+
+
 def remove(url: str) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):

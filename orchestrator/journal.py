@@ -28,6 +28,8 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from pydantic import BaseModel
 
+from mae_core.storage import fresh_listing
+
 CHANGES = ".changes"
 # Kept in the journal's folder so that listing it never comes back empty: s3fs answers an empty
 # listing by listing the parent, which here is every run's folder of the experiment.
@@ -61,14 +63,6 @@ def _ms(name: str) -> int:
     return int(name[:13])
 
 
-def _entries(fs: AbstractFileSystem, path: str) -> list[dict[str, Any]]:
-    fs.invalidate_cache(path)
-    try:
-        return fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-
-
 def _folders(entries: list[dict[str, Any]]) -> dict[int, str]:
     """The journal's folders by number, from a listing of the journal."""
     return {int(name): e["name"] for e in entries
@@ -77,7 +71,7 @@ def _folders(entries: list[dict[str, Any]]) -> dict[int, str]:
 
 def _records(fs: AbstractFileSystem, folders: list[str]) -> dict[str, str]:
     """Record name -> path, in the given folders."""
-    return {name: e["name"] for folder in folders for e in _entries(fs, folder)
+    return {name: e["name"] for folder in folders for e in fresh_listing(fs, folder)
             if e["type"] == "file" and len(name := e["name"].rsplit("/", 1)[-1]) > 14 and name[:13].isdigit()}
 
 
@@ -89,14 +83,14 @@ def start(fs: AbstractFileSystem, experiment_path: str) -> Cursor:
     """The cursor for a full listing of the mirror that follows this call: every record there is
     now is applied by that listing. Deletes folders older than ``KEEP_MS``."""
     now = time.time()
-    entries = _entries(fs, f"{experiment_path}/{CHANGES}")
+    entries = fresh_listing(fs, f"{experiment_path}/{CHANGES}")
     if not any(e["name"].rsplit("/", 1)[-1] == ANCHOR for e in entries):
         fs.pipe_file(f"{experiment_path}/{CHANGES}/{ANCHOR}", b"")
     folders = _folders(entries)
-    old = [path for f, path in folders.items() if (f + 1) * FOLDER_MS < now * 1000 - KEEP_MS]
+    old = {f for f in folders if (f + 1) * FOLDER_MS < now * 1000 - KEEP_MS}
     if old:
-        fs.rm(old, recursive=True)
-    recent = sorted((f for f, path in folders.items() if path not in old), reverse=True)
+        fs.rm([folders[f] for f in old], recursive=True)
+    recent = sorted(folders.keys() - old, reverse=True)
     names: list[str] = []
     newest = 0
     for f in recent:  # newest first, until a folder ends before the margin of the newest record
@@ -112,7 +106,7 @@ def changes(fs: AbstractFileSystem, experiment_path: str, cursor: Cursor) -> tup
     """The runs whose state changed since ``cursor``, and the cursor past them: a listing of the
     journal's folder names and of the newest folders, plus one GET per batch record."""
     since = cursor.ms - MARGIN_MS
-    folders = _folders(_entries(fs, f"{experiment_path}/{CHANGES}"))
+    folders = _folders(fresh_listing(fs, f"{experiment_path}/{CHANGES}"))
     records = _records(fs, [path for f, path in sorted(folders.items()) if (f + 1) * FOLDER_MS > since])
     seen = set(cursor.seen)
     new = [name for name in records if _ms(name) > since and name not in seen]

@@ -141,17 +141,6 @@ def default_root() -> str:
     return os.environ.get(ROOT_ENV, "runs")
 
 
-def _listing(url: str) -> list[dict[str, Any]]:
-    """A fresh listing, empty when nothing is there: ``storage.listdir`` without its existence
-    check, which costs object stores a HEAD and another listing on every ``ls``."""
-    fs, path = storage.filesystem(url)
-    fs.invalidate_cache(path)
-    try:
-        return fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-
-
 def _event_line(state: RunState, kind: str, **data: Any) -> bytes:
     return json.dumps({"time": time.time(), "event": kind, "attempt": state.attempts, **data},
                       default=str).encode() + b"\n"
@@ -337,8 +326,8 @@ class Registry:
                 else self.spec(s.experiment, s.run_id) for s in states}
 
     def experiments(self) -> list[str]:
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in _listing(self.root)
-                      if e["type"] == "directory")
+        entries = storage.fresh_listing(*storage.filesystem(self.root))
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
 
     def runs(self, experiment: str | None = None) -> list[RunState]:
         """Every run's state (or one experiment's), oldest first. Experiments are read at once: the
@@ -352,7 +341,8 @@ class Registry:
         """Every run of an experiment with the version of its state, from one fresh listing of
         the mirror (one request per 1,000 runs on S3). Temp files of local writes are skipped."""
         return {e["name"].rsplit("/", 1)[-1].removesuffix(".json"): _version(e)
-                for e in _listing(self._states_url(experiment)) if e["type"] == "file" and e["name"].endswith(".json")}
+                for e in storage.fresh_listing(*storage.filesystem(self._states_url(experiment)))
+                if e["type"] == "file" and e["name"].endswith(".json")}
 
     def _get_many(self, paths: list[str]) -> dict[str, bytes]:
         """The contents of many small objects (paths inside the root's filesystem) that exist,
