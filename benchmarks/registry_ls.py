@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import statistics
 import subprocess
@@ -38,7 +37,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from common import OtherLoad, counted_requests, start_moto
 from rich.console import Console
@@ -46,7 +44,7 @@ from rich.table import Table
 
 from mae_core import storage
 from orchestrator import journal
-from orchestrator.registry import INDEX, STATES, Registry, RunState
+from orchestrator.registry import INDEX, STATES, Registry, RunState, _Entry, _Index
 
 TARGETS_S = {1_000: 2.0, 100_000: 15.0}
 CHANGED = 1_000
@@ -96,7 +94,7 @@ def registry_objects(sizes: list[int], experiments: int, seed: int, naive_max: i
     registries: dict[str, dict[str, bytes]] = {}
     for name, runs, exps in [("one", 1, 1), *((f"n{n}", n, experiments) for n in sizes)]:
         rng, objects = random.Random(seed), {}
-        indexes: dict[str, dict[str, Any]] = {}
+        indexes: dict[str, dict[str, _Entry]] = {}
         for i in range(runs):
             state = fake_state(rng, EXPERIMENTS[i % exps], i)
             data = state.model_dump_json().encode()
@@ -105,14 +103,13 @@ def registry_objects(sizes: list[int], experiments: int, seed: int, naive_max: i
                 objects[f"{state.experiment}/{state.run_id}/state.json"] = data
             # The version a listing reports for a single-part PUT: its ETag, the quoted MD5.
             version = f'"{hashlib.md5(data).hexdigest()}"'
-            indexes.setdefault(state.experiment, {})[state.run_id] = {"version": version,
-                                                                      "state": json.loads(data)}
+            indexes.setdefault(state.experiment, {})[state.run_id] = _Entry(version=version, state=state)
         if runs > cold_max:
             # As a full listing leaves it: its journal cursor at "now", so the timed `ls` reads the
             # journal (the server starts within minutes; a full listing is due after an hour).
-            cursor = journal.Cursor(ms=int(time.time() * 1000), listed=time.time()).model_dump()
+            cursor = journal.Cursor(ms=int(time.time() * 1000), listed=time.time())
             for exp, index in indexes.items():
-                objects[f"{exp}/{INDEX}"] = json.dumps({"cursor": cursor, "runs": index}).encode()
+                objects[f"{exp}/{INDEX}"] = _Index(cursor=cursor, runs=index).dump()
                 objects[f"{exp}/{journal.CHANGES}/{journal.ANCHOR}"] = b""
         registries[name] = objects
     return registries

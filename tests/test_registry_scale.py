@@ -3,6 +3,7 @@ request count per run stays constant, counted at the S3 client."""
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from mae_core import storage
+from mae_core.goodput import Goodput
 from mae_core.progress import write_progress
 from orchestrator import cli, journal
 from orchestrator.profiles import Profile, load_profile
@@ -209,6 +211,36 @@ def test_a_warm_ls_reads_the_change_journal_and_a_full_listing_finds_what_it_mis
     requests.reset()
     assert watcher.runs("grid")[3].step == 300
     assert any(".states" in p for p in requests.listed)
+
+
+def test_states_read_from_the_index_equal_those_written(s3_bucket: str, requests: Requests) -> None:
+    # The index leaves out fields at their defaults; what a warm reader gets back is every field.
+    root = f"{s3_bucket}/registry"
+    writer = Registry(root)
+    writer.write_state(RunState(experiment="grid", run_id="plain"))
+    writer.write_state(RunState(experiment="grid", run_id="full", swept={"mask_ratio": 0.9, "seed": 3},
+                                status="failed", backend="slurm", job_ids=["12", "13"], step=7, total_steps=9,
+                                loss=0.5, img_s=None, failures=2, message="trainer exited with code 1",
+                                goodput=Goodput(allocated_s=5.0, productive_s=4.0), pid=0, started=0.0))
+    written = {s.run_id: writer.state("grid", s.run_id) for s in writer.runs("grid")}
+    requests.reset()
+    assert {s.run_id: s for s in Registry(root).runs("grid")} == written
+    assert requests.calls["get_object"] == 1  # the index alone
+
+
+def test_reading_states_leaves_the_garbage_collector_as_it_was(tmp_path: Path) -> None:
+    # Reading pauses Python's collector (it spent most of a large parse walking the new states).
+    registry = Registry(str(tmp_path / "registry"))
+    registry.write_state(RunState(experiment="grid", run_id="r0"))
+    assert gc.isenabled()
+    registry.runs()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        registry.runs()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("index", [b"{torn", b'{"a": {"version": 1}}', b'{"runs": {"r0": 3}}',
