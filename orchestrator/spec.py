@@ -27,6 +27,7 @@ from mae_core.config import (
     TrainConfig,
 )
 from mae_core.data import DataConfig, dataset_size
+from mae_core.data.config import RandAugmentConfig
 from mae_core.evaluate.config import EVAL_JOBS, EvalConfig, EvalJob, paper_defaults
 from mae_core.schedule import Schedule, ScheduleError, accumulation_steps
 from orchestrator.errors import UserError
@@ -96,6 +97,8 @@ class EvalJobSpec(_Section):
     label_smoothing: float | None = Field(default=None, ge=0, lt=1)
     mixup: float | None = Field(default=None, ge=0)
     cutmix: float | None = Field(default=None, ge=0)
+    rand_augment: RandAugmentConfig | None = Field(default=None, description="fine-tune only; {layers: 0} is off")
+    random_erase: float | None = Field(default=None, ge=0, le=1, description="fine-tune only")
 
 
 class EvalSpec(_Section):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from mae_core.data import DataConfig, build_source
+from mae_core.data import Augmentation, DataConfig, build_source
 from mae_core.data.augment import MEAN, STD
 from mae_core.data.config import EVAL_CROP_SCALE
 from mae_core.data.evaluation import ValidationSplit, center_crop
@@ -68,7 +68,7 @@ def test_an_evaluation_trains_on_crops_of_its_own_scale(tmp_path: Path, workers:
     cfg = DataConfig(url=str(tmp_path), input_size=16, num_workers=workers)
 
     def one_coloured(scale: tuple[float, float]) -> float:
-        batch = next(iter(build_source(cfg, 32, 0, 1, seed=0, crop_scale=scale)))
+        batch = next(iter(build_source(cfg, 32, 0, 1, seed=0, aug=Augmentation(crop_scale=scale))))
         red_pixels = (batch[:, 0] > 0).flatten(1).float().mean(1)
         return float(((red_pixels == 0) | (red_pixels == 1)).float().mean())
 

@@ -121,7 +121,7 @@ def test_probe_and_fine_tune_of_the_quickstart_encoder_beat_chance_and_fine_tuni
 def test_a_preempted_fine_tune_resumes_bit_identically(readme_quickstart: Quickstart, held_out: str,
                                                         tmp_path: Path) -> None:
     over: dict[str, Any] = {"job": "finetune", "pool": "avg", "drop_path": 0.1, "label_smoothing": 0.1,
-                            "mixup": 0.8, "cutmix": 1.0,
+                            "mixup": 0.8, "cutmix": 1.0, "rand_augment": {}, "random_erase": 0.25,
                             "optim": {"epochs": 3, "blr": 1e-3, "weight_decay": 0.05, "global_batch": 128},
                             "runtime": {"per_device_batch": 64}, "checkpoint": {"interval_steps": 5}}
     straight = eval_config(tmp_path, "straight", readme_quickstart, held_out, **over)
@@ -189,7 +189,12 @@ def test_a_sweep_with_eval_continues_into_probes_that_the_report_shows(held_out:
 
 @pytest.mark.parametrize(("section", "says"), [
     ({"val_url": "v", "linprobe": {"global_batch": 100}}, "eval.linprobe.global_batch=100 is not divisible"),
-    ({"val_url": "v", "linprobe": {"mixup": 0.5}}, "eval.linprobe: drop_path, mixup and cutmix are fine-tuning"),
+    ({"val_url": "v", "linprobe": {"mixup": 0.5}},
+     "eval.linprobe: drop_path, mixup, cutmix, rand_augment and random_erase are fine-tuning"),
+    ({"val_url": "v", "linprobe": {"rand_augment": {}}},
+     "eval.linprobe: drop_path, mixup, cutmix, rand_augment and random_erase are fine-tuning"),
+    ({"val_url": "v", "finetune": {"rand_augment": {"magnitude": 11}}},
+     "eval.finetune.rand_augment.magnitude: Input should be less than or equal to 10"),
     ({"val_url": "v", "finetune": {"layer_decay": 2}}, "eval.finetune.layer_decay: Input should be less than"),
     ({"linprobe": {}}, "eval.val_url: required field is missing"),
 ])

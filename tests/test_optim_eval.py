@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mae_core.config import RuntimeConfig
+from mae_core.data.config import RandAugmentConfig
 from mae_core.evaluate.config import EvalConfig
 from mae_core.model import build_model
 from mae_core.optim import LARS, layer_decay_groups, layer_id, set_lr
@@ -65,6 +66,8 @@ def test_an_eval_section_starts_from_the_official_recipe_of_the_model_size(
     tune = spec.eval_config("out/x/r.finetune", runtime, EvaluationOf(job="finetune", run_id="r"))
     assert (tune.optim.layer_decay, tune.drop_path, tune.optim.min_lr) == (layer_decay, drop_path, 1e-6)
     assert (tune.optim.epochs, tune.pool, tune.label_smoothing, tune.mixup, tune.cutmix) == (3, "avg", 0.1, 0.8, 1.0)
+    assert tune.rand_augment == RandAugmentConfig(layers=2, magnitude=9, magnitude_std=0.5)  # rand-m9-mstd0.5-inc1
+    assert tune.random_erase == 0.25
     probe = spec.eval_config("out/x/r.linprobe", runtime, EvaluationOf(job="linprobe", run_id="r"))
     assert (probe.optim.epochs, probe.optim.blr, probe.optim.global_batch, probe.pool) == (probe_epochs, 0.1, 16384,
                                                                                            "cls")

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mae_core.data.config import SYNTHETIC_HAS_NO_LABELS, SYNTHETIC_SAMPLES, DataConfig
+from mae_core.data.config import SYNTHETIC_HAS_NO_LABELS, SYNTHETIC_SAMPLES, Augmentation, DataConfig
 
 if TYPE_CHECKING:
     from mae_core.data.base import BatchSource
 
 
 def build_source(cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
-                 batches_multiple: int = 1, crop_scale: tuple[float, float] | None = None) -> BatchSource:
+                 batches_multiple: int = 1, aug: Augmentation | None = None) -> BatchSource:
     """The trainer's data for this rank; ``batches_multiple`` is the gradient-accumulation count.
     With ``data.labels`` it yields (images, labels) batches (tar shards or image folders only).
-    ``crop_scale``: the random crops' area range, pre-training's unless given."""
+    ``aug``: what the random crops go through, pre-training's unless given."""
     if cfg.url is None:
         if cfg.labels:
             raise ValueError(SYNTHETIC_HAS_NO_LABELS)
@@ -26,10 +26,10 @@ def build_source(cfg: DataConfig, batch_size: int, rank: int, world_size: int, s
 
         return SyntheticSource(dataset_size(cfg) or SYNTHETIC_SAMPLES, cfg.input_size, batch_size, rank, world_size,
                                seed, batches_multiple)
-    from mae_core.data.augment import SCALE
+    from mae_core.data.augment import PRETRAINING
     from mae_core.data.stream import StreamingSource
 
-    return StreamingSource(cfg, batch_size, rank, world_size, seed, batches_multiple, crop_scale or SCALE)
+    return StreamingSource(cfg, batch_size, rank, world_size, seed, batches_multiple, aug or PRETRAINING)
 
 
 def dataset_size(cfg: DataConfig) -> int | None:
@@ -73,4 +73,4 @@ def num_classes(cfg: DataConfig) -> int | None:
     return dataset_classes(cfg.url)[1] or None
 
 
-__all__ = ["DataConfig", "build_source", "class_names", "dataset_size", "num_classes"]
+__all__ = ["Augmentation", "DataConfig", "build_source", "class_names", "dataset_size", "num_classes"]

@@ -1,4 +1,5 @@
-"""MAE pre-training augmentation with Pillow alone: RandomResizedCrop(scale 0.2-1, bicubic), flip, normalise.
+"""Training augmentation with Pillow alone: RandomResizedCrop (bicubic; pre-training's scale 0.2-1), flip,
+for fine-tuning RandAugment and random erasing, then normalise.
 
 Randomness comes from a per-sample generator seeded by (seed, epoch, sample id), so a sample is
 augmented the same way whichever rank or worker reads it, and on a resumed run.
@@ -17,10 +18,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mae_core.data.config import SCALE
+from mae_core.data.config import MEAN, STD, Augmentation
+from mae_core.data.randaugment import rand_augment
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 RATIO = (3 / 4, 4 / 3)
 # What Pillow raises on bad image bytes: OSError for unidentified, truncated and corrupt data, the
 # others from plugins on malformed headers and tiles. Caught only around the calls that decode, so
@@ -42,12 +42,15 @@ def _decoding() -> Iterator[None]:
         raise UnreadableImage(f"{type(e).__name__}: {e}") from e
 
 
+PRETRAINING = Augmentation()
+
+
 def sample_rng(seed: int, epoch: int, sample_id: str) -> random.Random:
     digest = hashlib.blake2b(f"{seed}/{epoch}/{sample_id}".encode(), digest_size=8).digest()
     return random.Random(int.from_bytes(digest, "little"))
 
 
-def crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, float] = SCALE,
+def crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, float] = PRETRAINING.crop_scale,
              ratio: tuple[float, float] = RATIO) -> tuple[int, int, int, int]:
     """(left, top, width, height) of a random crop covering ``scale`` of the area at an aspect in ``ratio``.
 
@@ -73,16 +76,40 @@ def crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, fl
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def erase_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int] | None:
+    """(left, top, width, height) of a random-erasing box (Zhong et al. 2020, timm's settings): 2%
+    to a third of the area at a log-uniform aspect in 0.3-3.3, ten tries; None when none fits."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(0.02, 1 / 3)
+        aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+        h, w = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if w < width and h < height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    return None
+
+
+def erased(arr: np.ndarray, box: tuple[int, int, int, int], rng: random.Random) -> np.ndarray:
+    """A copy of the image with ``box`` filled with per-pixel noise that standardises to N(0, 1)
+    (timm's "pixel" mode, drawn here before standardising, so clipped to 0-255)."""
+    left, top, w, h = box
+    noise = np.random.default_rng(rng.getrandbits(64)).standard_normal((h, w, 3))
+    out = arr.copy()
+    out[top:top + h, left:left + w] = np.clip(np.rint(255 * (np.array(MEAN) + np.array(STD) * noise)), 0, 255)
+    return out
+
+
 def augment(data: bytes, size: int, rng: random.Random, draft: bool = True,
-            scale: tuple[float, float] = SCALE) -> np.ndarray:
-    """Encoded image -> (size, size, 3) uint8 crop covering ``scale`` of its area, flipped at random.
+            aug: Augmentation = PRETRAINING) -> np.ndarray:
+    """Encoded image -> (size, size, 3) uint8 crop covering ``aug.crop_scale`` of its area, flipped
+    at random, then (fine-tuning) through RandAugment and random erasing.
 
     Raises UnreadableImage when the bytes do not decode; any other exception is a bug.
     """
     with _decoding():
         img = Image.open(io.BytesIO(data))
     full_w, full_h = img.size
-    left, top, w, h = crop_box(full_w, full_h, rng, scale)
+    left, top, w, h = crop_box(full_w, full_h, rng, aug.crop_scale)
     flip = rng.random() < 0.5
     with _decoding():
         if draft:
@@ -98,8 +125,13 @@ def augment(data: bytes, size: int, rng: random.Random, draft: bool = True,
                      box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
     if out.mode != "RGB":
         out = out.convert("RGB")
+    if aug.rand_augment is not None:
+        out = rand_augment(out, aug.rand_augment, rng)
     arr = np.asarray(out)
-    return arr[:, ::-1] if flip else arr
+    arr = arr[:, ::-1] if flip else arr
+    if aug.erase and rng.random() < aug.erase and (box := erase_box(size, size, rng)) is not None:
+        arr = erased(arr, box, rng)
+    return arr
 
 
 def normalise(images: np.ndarray) -> torch.Tensor:

@@ -9,6 +9,34 @@ SYNTHETIC_SAMPLES = 1024
 # fine-tune's (torchvision's default 0.08-1, which the official code keeps).
 SCALE = (0.2, 1.0)
 EVAL_CROP_SCALE = (0.08, 1.0)
+# ImageNet's per-channel mean and std, which images are standardised with.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class RandAugmentConfig(BaseModel):
+    """RandAugment as the official fine-tune runs it (timm's ``rand-m9-mstd0.5-inc1``): ``layers``
+    operations drawn per image, each applied with probability 0.5 at a magnitude drawn around
+    ``magnitude`` (of 10) with spread ``magnitude_std``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layers: int = Field(default=2, ge=0, le=8, description="operations drawn per image; 0 is off")
+    magnitude: float = Field(default=9.0, ge=0.0, le=10.0, description="strength of each operation, 0-10")
+    magnitude_std: float = Field(default=0.5, ge=0.0, description="spread of the magnitude drawn per operation")
+
+
+class Augmentation(BaseModel):
+    """What a training crop goes through after it is decoded: the crop's area range, then for
+    fine-tuning RandAugment and random erasing. Pre-training's is the default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    crop_scale: tuple[float, float] = SCALE
+    rand_augment: RandAugmentConfig | None = None
+    erase: float = Field(default=0.0, ge=0.0, le=1.0, description="probability of erasing a box of each image")
+
+
 SYNTHETIC_HAS_NO_LABELS = ("data.labels needs a data.url with labels (tar shards with .cls members, or an image "
                            "folder with class sub-folders); synthetic data (data.url None) has none")
 

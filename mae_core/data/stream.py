@@ -35,8 +35,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mae_core.data import dataset_size
-from mae_core.data.augment import SCALE, UnreadableImage, augment, normalise, sample_rng
-from mae_core.data.config import SYNTHETIC_HAS_NO_LABELS, DataConfig
+from mae_core.data.augment import PRETRAINING, UnreadableImage, augment, normalise, sample_rng
+from mae_core.data.config import SYNTHETIC_HAS_NO_LABELS, Augmentation, DataConfig
 from mae_core.data.order import (
     Layout,
     Segment,
@@ -124,9 +124,9 @@ class _RankStream(IterableDataset):
 
     def __init__(self, units: tuple[Unit, ...], layout: Layout, rank: int, seed: int, input_size: int,
                  retries: int, epoch: int, consumed: int, total: int, plans: list[_ReaderPlan],
-                 labels: bool = False, crop_scale: tuple[float, float] = SCALE) -> None:
+                 labels: bool = False, aug: Augmentation = PRETRAINING) -> None:
         self.units, self.layout, self.rank, self.seed = units, layout, rank, seed
-        self.input_size, self.retries, self.labels, self.crop_scale = input_size, retries, labels, crop_scale
+        self.input_size, self.retries, self.labels, self.aug = input_size, retries, labels, aug
         self.epoch, self.consumed, self.total, self.plans = epoch, consumed, total, plans
         self.counts = [u.samples for u in units]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
@@ -235,7 +235,7 @@ class _RankStream(IterableDataset):
         anything else is a bug and propagates."""
         if sample.data is None:
             raise UnreadableImage(sample.error)
-        return augment(sample.data, self.input_size, sample_rng(self.seed, epoch, sample.id), scale=self.crop_scale)
+        return augment(sample.data, self.input_size, sample_rng(self.seed, epoch, sample.id), aug=self.aug)
 
     def _collate(self, images: list[np.ndarray],
                  labels: list[int | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -265,16 +265,16 @@ class StreamingSource:
     Iteration yields image batches, or with ``data.labels`` (images, labels) pairs: labels an int64
     tensor of the batch size, label i that of image i. The class names, in label order, are
     ``dataset.classes`` (None when unknown) and their count ``dataset.num_classes``. Images are
-    random crops covering ``crop_scale`` of their area (pre-training's 0.2-1 unless told).
+    random crops put through ``aug`` (pre-training's unless told).
     """
 
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
-                 batches_multiple: int = 1, crop_scale: tuple[float, float] = SCALE) -> None:
+                 batches_multiple: int = 1, aug: Augmentation = PRETRAINING) -> None:
         if cfg.url is None:
             if cfg.labels:
                 raise ValueError(SYNTHETIC_HAS_NO_LABELS)
             raise ValueError("data.url is None; StreamingSource needs a URL (build_source serves synthetic data)")
-        self.cfg, self.rank, self.seed, self.crop_scale = cfg, rank, seed, crop_scale
+        self.cfg, self.rank, self.seed, self.aug = cfg, rank, seed, aug
         self.dataset = resolve(cfg.url, cfg.files_per_read)
         if cfg.labels:
             check_labelled(self.dataset)
@@ -312,7 +312,7 @@ class StreamingSource:
                               self.batches) for worker in range(layout.workers)]
         stream = _RankStream(self.dataset.units, layout, self.rank, self.seed, self.cfg.input_size,
                              self.cfg.io_retries, self.epoch, self.batches, total, plans, self.cfg.labels,
-                             self.crop_scale)
+                             self.aug)
         left = total - self.batches
         share = total * layout.batch_size  # this rank's samples in the segment
         loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers)

@@ -22,7 +22,7 @@ from mae_core.config import (
     RuntimeConfig,
     _Section,
 )
-from mae_core.data.config import EVAL_CROP_SCALE, DataConfig
+from mae_core.data.config import EVAL_CROP_SCALE, Augmentation, DataConfig, RandAugmentConfig
 
 EvalJob = Literal["linprobe", "finetune"]
 EVAL_JOBS: tuple[str, ...] = ("linprobe", "finetune")
@@ -53,7 +53,7 @@ def paper_defaults(job: EvalJob, arch: str) -> dict[str, Any]:
                       "min_lr": 1e-6, "weight_decay": 0.05, "beta2": 0.999, "global_batch": 1024,
                       "layer_decay": 0.75 if large else 0.65},
             "pool": "avg", "drop_path": 0.3 if huge else 0.2 if large else 0.1, "label_smoothing": 0.1,
-            "mixup": 0.8, "cutmix": 1.0}
+            "mixup": 0.8, "cutmix": 1.0, "rand_augment": RandAugmentConfig().model_dump(), "random_erase": 0.25}
 
 
 class EvalConfig(_Section):
@@ -73,6 +73,11 @@ class EvalConfig(_Section):
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     mixup: float = Field(default=0.0, ge=0.0, description="fine-tune: mixup alpha; 0 is off")
     cutmix: float = Field(default=0.0, ge=0.0, description="fine-tune: cutmix alpha; 0 is off")
+    rand_augment: RandAugmentConfig | None = Field(
+        default=None, description="fine-tune: RandAugment of each training image (the paper's 2 operations at "
+        "magnitude 9, spread 0.5); None or layers 0 is off")
+    random_erase: float = Field(default=0.0, ge=0.0, le=1.0, description="fine-tune: probability of erasing a "
+                                "random box of each training image with noise (the paper's 0.25)")
     crop_scale: tuple[float, float] = Field(
         default=EVAL_CROP_SCALE, description="area range of the random training crops; the official probe and "
         "fine-tune use 0.08-1 (pre-training 0.2-1)")
@@ -90,15 +95,22 @@ class EvalConfig(_Section):
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"crop_scale {list(self.crop_scale)} is not an area range: write [low, high] with "
                              "0 < low <= high <= 1")
-        if self.job == "linprobe" and (self.drop_path or self.mixup or self.cutmix):
-            raise ValueError("drop_path, mixup and cutmix are fine-tuning settings; a linear probe trains its head "
-                             "on frozen features: set them to 0 (or fine-tune)")
+        if self.job == "linprobe" and (self.drop_path or self.mixup or self.cutmix or self.random_erase
+                                       or (self.rand_augment and self.rand_augment.layers)):
+            raise ValueError("drop_path, mixup, cutmix, rand_augment and random_erase are fine-tuning settings; a "
+                             "linear probe trains its head on frozen features: set them to 0 (or fine-tune)")
         for name in ("data", "val"):
             split: DataConfig = getattr(self, name)
             if split.url is None:
                 raise ValueError(f"{name}.url is missing: an evaluation needs a labelled dataset URL (tar shards "
                                  f"with .cls labels or an image folder with class sub-folders)")
         return self
+
+    def augmentation(self) -> Augmentation:
+        """What each training image goes through after it is decoded."""
+        off = self.rand_augment is None or self.rand_augment.layers == 0
+        return Augmentation(crop_scale=self.crop_scale, rand_augment=None if off else self.rand_augment,
+                            erase=self.random_erase)
 
     def fingerprint(self) -> str:
         """Hash of what determines the numbers the job produces; a resume must match it."""
@@ -109,6 +121,10 @@ class EvalConfig(_Section):
             for key in ("io_retries", "max_skip_fraction"):
                 math_fields[split].pop(key, None)
         math_fields["precision"] = self.runtime.precision
+        # Left out while off, so that a job started before these settings existed still resumes.
+        for key in ("rand_augment", "random_erase"):
+            if not math_fields[key]:
+                del math_fields[key]
         return hashlib.sha256(json.dumps(math_fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

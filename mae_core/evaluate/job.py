@@ -96,7 +96,7 @@ def evaluate(cfg: EvalConfig, env: DistEnv) -> TrainResult:
 
     accum = accumulation_steps(cfg.optim.global_batch, cfg.runtime.per_device_batch, env.world_size)
     source = build_source(data, cfg.runtime.per_device_batch, env.rank, env.world_size, cfg.seed,
-                          batches_multiple=accum, crop_scale=cfg.crop_scale)
+                          batches_multiple=accum, aug=cfg.augmentation())
     sched = Schedule.derive(cfg.optim, cfg.runtime.per_device_batch, env.world_size, source.num_samples)
 
     def micro_loss(batch: tuple[torch.Tensor, torch.Tensor], step: int, slice_index: int) -> torch.Tensor:
