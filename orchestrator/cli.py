@@ -22,7 +22,7 @@ from orchestrator.backends import Backend, get_backend
 from orchestrator.backends.base import reconcile
 from orchestrator.errors import UserError
 from orchestrator.profiles import RayProfile, SlurmProfile, load_profile
-from orchestrator.registry import ACTIVE, FINISHED, TRAINING, Registry, RunState, default_root
+from orchestrator.registry import ACTIVE, FINISHED, TRAINING, Registry, RunState, collector_paused, default_root
 from orchestrator.spec import Derived, EvaluationOf, ExperimentSpec, load_spec, schema
 from orchestrator.sweep import expand
 
@@ -210,6 +210,13 @@ def _show(states: list[RunState]) -> None:
 @app.command("ls")
 def list_runs(experiment: ExperimentArg = None, root: RootOpt = None) -> None:
     """All runs (or one experiment's) with status and progress."""
+    # Everything `ls` reads lives until it has been shown and holds no cycles: the collector off
+    # until then spares it walking 100,000 states several times (about 2 s).
+    with collector_paused():
+        _list_runs(experiment, root)
+
+
+def _list_runs(experiment: str | None, root: str | None) -> None:
     registry = registry_for(root)
     states = registry.runs(experiment)
     _show(registry.with_progress(states, most=LIVE_PROGRESS))

@@ -229,12 +229,13 @@ def test_states_read_from_the_index_equal_those_written(s3_bucket: str, requests
 
 
 def test_reading_states_leaves_the_garbage_collector_as_it_was(tmp_path: Path) -> None:
-    # Reading pauses Python's collector (it spent most of a large parse walking the new states).
+    # Reading pauses Python's collector (it spent most of a large parse walking the new states),
+    # and leaves nothing frozen out of its reach (a long `watch` would keep its garbage forever).
     registry = Registry(str(tmp_path / "registry"))
     registry.write_state(RunState(experiment="grid", run_id="r0"))
     assert gc.isenabled()
     registry.runs()
-    assert gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
     gc.disable()
     try:
         registry.runs()
@@ -334,6 +335,7 @@ def test_ls_fetches_live_progress_of_the_runs_that_started_last_and_says_so(
         write_progress(registry.run_url("grid", f"r{i}"), 500 + i)
     monkeypatch.setattr(cli, "LIVE_PROGRESS", 2)
     cli.list_runs("grid", root=root)
+    assert gc.isenabled()  # `ls` keeps the collector off while it lists, and only then
     out = capsys.readouterr().out
     assert "503/1000" in out and "504/1000" in out and "502/1000" not in out
     assert all(f"{i}/1000" in out for i in range(3))

@@ -101,8 +101,10 @@ def erased(arr: np.ndarray, box: tuple[int, int, int, int], rng: random.Random) 
 
 def augment(data: bytes, size: int, rng: random.Random, draft: bool = True,
             aug: Augmentation = PRETRAINING) -> np.ndarray:
-    """Encoded image -> (size, size, 3) uint8 crop covering ``aug.crop_scale`` of its area, flipped
-    at random, then (fine-tuning) through RandAugment and random erasing.
+    """Encoded image -> (size, size, 3) uint8 crop covering ``aug.crop_scale`` of its area, through
+    RandAugment (fine-tuning), flipped at random, then randomly erased (fine-tuning). timm flips
+    before RandAugment; colour operations commute with a flip and rotations, shears and
+    translations come in both signs, so the order barely changes what the model sees.
 
     Raises UnreadableImage when the bytes do not decode; any other exception is a bug.
     """

@@ -77,4 +77,3 @@ def rand_augment(img: Image.Image, cfg: RandAugmentConfig, rng: random.Random) -
         magnitude = rng.gauss(cfg.magnitude, cfg.magnitude_std) if cfg.magnitude_std else cfg.magnitude
         img = OPERATIONS[name](img, min(10.0, max(0.0, magnitude)) / 10.0, rng)
     return img
-
