@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import tempfile
 import time
@@ -24,7 +23,8 @@ from common import start_moto
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mae_core.data import DataConfig
-from mae_core.data.augment import augment, normalise, sample_rng
+from mae_core.data.augment import PRETRAINING, augment, normalise, sample_rng
+from mae_core.data.config import Augmentation
 from mae_core.data.demo import demo_samples
 from mae_core.data.shard import ShardWriter
 from mae_core.data.stream import StreamingSource
@@ -65,12 +65,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def per_core_rate(images: list[bytes], size: int, seconds: float) -> float:
-    """Decode + RandomResizedCrop + flip on one core, no normalisation or batching."""
+def per_core_rate(images: list[bytes], size: int, seconds: float, aug: Augmentation = PRETRAINING,
+                  epoch: int = 0) -> float:
+    """Decode + augmentation (pre-training's: RandomResizedCrop + flip) on one core, no
+    normalisation or batching."""
     torch.set_num_threads(1)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        augment(images[count % len(images)], size, random.Random(count))
+        augment(images[count % len(images)], size, sample_rng(0, epoch, str(count)), aug=aug)
         count += 1
     return count / (time.perf_counter() - start)
 

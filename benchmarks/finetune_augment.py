@@ -13,23 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-import torch
+from data_throughput import per_core_rate
 
-from mae_core.data.augment import PRETRAINING, augment, sample_rng
+from mae_core.data.augment import PRETRAINING
 from mae_core.data.config import EVAL_CROP_SCALE, Augmentation, RandAugmentConfig
 from mae_core.data.demo import demo_samples
 
 FINETUNE = Augmentation(crop_scale=EVAL_CROP_SCALE, rand_augment=RandAugmentConfig(), erase=0.25)
-
-
-def images_per_second(images: list[bytes], size: int, aug: Augmentation, seconds: float, epoch: int) -> float:
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        augment(images[count % len(images)], size, sample_rng(0, epoch, str(count)), aug=aug)
-        count += 1
-    return count / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -39,12 +30,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="per augmentation per round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(1)
     images = [data for _, _, data in demo_samples(args.images, (500, 375), seed=0)]
     rates: dict[str, list[float]] = {"pre-training": [], "fine-tune": []}
     for epoch in range(args.rounds):
-        rates["pre-training"].append(images_per_second(images, args.size, PRETRAINING, args.seconds, epoch))
-        rates["fine-tune"].append(images_per_second(images, args.size, FINETUNE, args.seconds, epoch))
+        rates["pre-training"].append(per_core_rate(images, args.size, args.seconds, PRETRAINING, epoch))
+        rates["fine-tune"].append(per_core_rate(images, args.size, args.seconds, FINETUNE, epoch))
     for name, values in rates.items():
         print(f"{name:>12}: {statistics.median(values):7.1f} img/s on one core "
               f"(rounds: {', '.join(f'{v:.1f}' for v in values)})")
