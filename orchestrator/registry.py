@@ -196,6 +196,9 @@ class Registry:
         # Each experiment's index as this process last left it: `watch` reads the registry every
         # few seconds, and at 100,000 runs the index is megabytes to fetch again.
         self._indexes: dict[str, _Index] = {}
+        # The specs of the runs this process created. A run's spec is never rewritten, so the
+        # backend handed those runs next need not fetch them back (a GET each on S3).
+        self._created_specs: dict[str, ExperimentSpec] = {}
 
     def run_url(self, experiment: str, run_id: str) -> str:
         return storage.join(self.root, experiment, run_id)
@@ -219,6 +222,7 @@ class Registry:
         cluster = yaml.dump(profile.model_dump(mode="json"), Dumper=_DUMPER, sort_keys=False).encode()
         _, base = storage.filesystem(self.root)
         files: dict[str, bytes] = {}
+        specs: dict[str, ExperimentSpec] = {}
         new: list[RunState] = []
         for run in runs:
             if run.run_id in existing[run.experiment]:
@@ -236,8 +240,10 @@ class Registry:
             files[f"{folder}/spec.json"] = run.spec.model_dump_json(indent=2).encode()
             files[f"{folder}/cluster.yaml"] = cluster
             files[f"{folder}/events.jsonl"] = _event_line(state, "created", swept=run.swept)
+            specs[state.key] = run.spec
             new.append(state)
         self._commit(new, files)
+        self._created_specs.update(specs)
         return new
 
     def _commit(self, states: list[RunState], files: dict[str, bytes]) -> None:
@@ -341,11 +347,13 @@ class Registry:
         return updated
 
     def specs(self, states: list[RunState]) -> dict[str, ExperimentSpec]:
-        """Many runs' specs keyed by ``RunState.key``, fetched concurrently, one GET each."""
+        """Many runs' specs keyed by ``RunState.key``: those this process created as it wrote them,
+        the others fetched concurrently, one GET each."""
         _, base = storage.filesystem(self.root)
-        paths = {s.key: f"{base}/{s.key}/spec.json" for s in states}
+        paths = {s.key: f"{base}/{s.key}/spec.json" for s in states if s.key not in self._created_specs}
         blobs = self._get_many(list(paths.values()))
-        return {s.key: ExperimentSpec.model_validate_json(blobs[paths[s.key]]) if paths[s.key] in blobs
+        return {s.key: self._created_specs[s.key] if s.key in self._created_specs
+                else ExperimentSpec.model_validate_json(blobs[paths[s.key]]) if paths[s.key] in blobs
                 else self.spec(s.experiment, s.run_id) for s in states}
 
     def experiments(self) -> list[str]:

@@ -9,4 +9,4 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   bash scripts/local_slurm.sh install
 fi
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=20 "$@"  # the slowest tests, to keep CI short
