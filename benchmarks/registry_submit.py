@@ -16,6 +16,7 @@ it times, each time into a fresh experiment:
 On S3 it also counts the requests each path sends, by operation, through s3fs.
 
     python benchmarks/registry_submit.py [--runs 1000] [--repeats 3] [--baseline-repeats 1] [--roots local,s3]
+                                         [--local-dir DIR]
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed submits of create_many (median)")
     parser.add_argument("--baseline-repeats", type=int, default=1, help="timed submits of the sequential baseline")
     parser.add_argument("--roots", default="local,s3", help="comma-separated: local, s3")
+    parser.add_argument("--local-dir", default=None,
+                        help="where the local registry goes (default: the temp dir); e.g. /dev/shm, to tell "
+                             "the code's cost from the file system's")
     args = parser.parse_args()
     kinds = [k.strip() for k in args.roots.split(",") if k.strip()]
     if not kinds or set(kinds) - {"local", "s3"}:
@@ -125,7 +129,7 @@ def main() -> None:
     load = OtherLoad([server.pid] if server is not None else [])
     rows = []
     try:
-        with tempfile.TemporaryDirectory() as tmp, load:
+        with tempfile.TemporaryDirectory(dir=args.local_dir) as tmp, load:
             for kind in kinds:
                 if kind == "s3":
                     import s3fs
