@@ -1,6 +1,7 @@
 """``maestro report``: one row per run of a sweep, from the registry alone (any backend, any machine).
 
-Each row holds the run's swept values, its final and best loss (from its clean curve), epochs
+Each row holds the run's swept values, its evaluations' final top-1 (the status of those not
+completed), its final and best loss (from its clean curve), epochs
 done, wall time, GPU-hours (allocated device time), attempts with how each ended, and goodput
 (``mae_core.goodput``). Rendered as a rich table, CSV, Markdown or JSON.
 """
@@ -50,14 +51,18 @@ def _row(registry: Registry, state: RunState, now: float) -> dict[str, Any]:
     }
 
 
-def _top1(registry: Registry, state: RunState) -> float | None:
-    """An evaluation run's newest validation top-1 (%)."""
+def _top1(registry: Registry, state: RunState) -> float | str | None:
+    """An evaluation run's result: its final validation top-1 (%) once it completed. Until then
+    its status: the top-1 of an epoch it stopped at is not the evaluation's result, and next to
+    completed ones it would read as one."""
+    if state.status != "completed":
+        return state.status
     scored = [r for r in read_records(registry.run_url(state.experiment, state.run_id)) if "val_top1" in r]
-    return scored[-1]["val_top1"] if scored else None
+    return round(scored[-1]["val_top1"], 2) if scored else None
 
 
 def rows(registry: Registry, states: list[RunState]) -> list[dict[str, Any]]:
-    """The report's rows, in the order of ``states``: one per pre-training run, with the top-1 of
+    """The report's rows, in the order of ``states``: one per pre-training run, with the result of
     each of its evaluation runs (``<job>_top1``, e.g. linprobe_top1, linprobe-step0_top1)."""
     now = time.time()
     runs = [s for s in states if s.evaluates is None]
@@ -69,7 +74,7 @@ def rows(registry: Registry, states: list[RunState]) -> list[dict[str, Any]]:
     for ev, top1 in zip(evaluations, scores, strict=True):
         row = by_run.get(f"{ev.experiment}/{ev.evaluates}")
         if row is not None:
-            row[f"{ev.run_id.removeprefix(ev.evaluates + '.')}{TOP1}"] = None if top1 is None else round(top1, 2)
+            row[f"{ev.run_id.removeprefix(ev.evaluates + '.')}{TOP1}"] = top1
     return report
 
 
