@@ -122,6 +122,9 @@ class Checkpointer:
         self.keep_last = keep_last
         self.async_save = async_save
         self._pending: tuple[Future[Any], CheckpointInfo] | None = None
+        # The newest complete checkpoint this process loaded or committed: what a resume would
+        # start from now. An async save in flight is not one until it commits.
+        self.committed_step: int | None = None
         # Async saves run their collectives on a group of their own: sharing the default group
         # with the training collectives mismatches gloo operations.
         self._group = dist.new_group(backend="gloo") if async_save else None
@@ -179,6 +182,7 @@ class Checkpointer:
             })
             self._retain(info.step)
         dist.barrier()
+        self.committed_step = info.step
 
     def _retain(self, just_committed: int) -> None:
         complete, incomplete = self.scan()
@@ -202,7 +206,9 @@ class Checkpointer:
                                   f"delete its {MARKER} file to fall back to the previous one") from e
         own = storage.join(info.url, f"rank-{self.rank}.json")
         same_world = info.world_size == self.world_size
-        return storage.read_json(own if same_world else storage.join(info.url, "rank-0.json"))
+        rank_state = storage.read_json(own if same_world else storage.join(info.url, "rank-0.json"))
+        self.committed_step = info.step
+        return rank_state
 
 
 def load_weights(info: CheckpointInfo, model: nn.Module) -> nn.Module:

@@ -94,7 +94,7 @@ def run(job: Job, settings: LoopSettings, env: DistEnv, attempt: int | None) -> 
             log.info("resumed from %s at step %d", latest.url, step)
     clock = AttemptClock(attempt)
     metrics = MetricsWriter(settings.output, enabled=env.is_main, flush_s=settings.metrics.flush_s, resume_step=step,
-                            clock=clock)
+                            clock=clock, checkpoint_step=lambda: ckpt.committed_step)
     first_step = step + 1
     if env.is_main:
         log.info("world %d, accumulation %d, lr %.3g, %d steps/epoch, %d steps total", env.world_size,

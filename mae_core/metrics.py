@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,9 @@ TB_SEGMENT_BYTES = 32 * 1024
 class MetricsWriter:
     def __init__(self, output: str, enabled: bool, flush_s: float, resume_step: int = 0,
                  segment_bytes: int = SEGMENT_BYTES, tb_segment_bytes: int = TB_SEGMENT_BYTES,
-                 clock: AttemptClock | None = None) -> None:
+                 clock: AttemptClock | None = None, checkpoint_step: Callable[[], int | None] | None = None) -> None:
         self.enabled, self.output, self.flush_s = enabled, output, flush_s
+        self.checkpoint_step = checkpoint_step
         self.tb_segment_bytes, self.clock, self.resume_step = tb_segment_bytes, clock, resume_step
         self._last: dict[str, Any] | None = None  # newest record not yet flushed
         self._newest: dict[str, Any] | None = None  # newest record of this attempt
@@ -77,8 +79,10 @@ class MetricsWriter:
                 self._upload_tb()
         newest = self._newest or {"step": self.resume_step}
         # Last: progress.json never names a step whose record is not stored yet.
+        committed = self.checkpoint_step() if self.checkpoint_step else None
         write_progress(self.output, newest["step"], **{k: newest[k] for k in ("loss", "lr", "img_s") if k in newest},
-                       **({"goodput": self.clock.report()} if self.clock else {}))
+                       **({"goodput": self.clock.report()} if self.clock else {}),
+                       **({"checkpoint_step": committed} if committed is not None else {}))
         self._last = None
         self._last_flush = time.monotonic()
 

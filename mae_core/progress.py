@@ -3,7 +3,8 @@
 Rank 0 rewrites it on every metrics flush: a constant-size PUT however long the run is. The
 runner, ``maestro ls`` and ``watch`` read it instead of the metrics history, so watching a run
 costs one small GET whatever its length. ``heartbeat`` is the wall time of that flush, so a
-stale heartbeat means the training loop stopped advancing.
+stale heartbeat means the training loop stopped advancing. ``checkpoint_step`` is the newest
+committed checkpoint, where a resume would start now.
 """
 
 from __future__ import annotations

@@ -186,8 +186,13 @@ def _progress_fields(blob: bytes | None) -> dict[str, Any]:
         return {}
     if not isinstance(record, dict) or not isinstance(record.get("step"), int):
         return {}
-    return {k: record[k] for k in ("step", "loss", "img_s", "heartbeat")
-            if isinstance(record.get(k), int | float) and not isinstance(record[k], bool)}
+    fields = {k: record[k] for k in ("step", "loss", "img_s", "heartbeat")
+              if isinstance(record.get(k), int | float) and not isinstance(record[k], bool)}
+    # The state records its last checkpoint when an attempt ends; a week-long attempt's own
+    # checkpoints show from its progress.
+    if isinstance(record.get("checkpoint_step"), int) and not isinstance(record["checkpoint_step"], bool):
+        fields["last_checkpoint_step"] = record["checkpoint_step"]
+    return fields
 
 
 class Registry:

@@ -51,6 +51,14 @@ def test_killed_attempt_loses_the_work_after_its_checkpoint_and_the_report_shows
         return clock.get("saved_step") is not None and read_progress(run_url)["step"] >= clock["saved_step"] + 3
 
     wait_for(past_a_checkpoint, what="steps after the first checkpoint")
+    # While its first attempt runs, `ls` shows that attempt's checkpoint: the state itself only
+    # records one when an attempt ends.
+    flushed = read_progress(run_url) or {}
+    assert flushed["checkpoint_step"] == flushed["goodput"]["saved_step"]  # saves are synchronous here
+    [live] = registry.with_progress([registry.state("sweep", victim.run_id)])
+    assert live.status == "running" and registry.state("sweep", victim.run_id).last_checkpoint_step is None
+    assert live.last_checkpoint_step is not None and live.last_checkpoint_step % 40 == 0
+    assert live.last_checkpoint_step >= flushed["checkpoint_step"]
     pids = trainer_pids(victim.run_id)
     assert pids
     for pid in pids:

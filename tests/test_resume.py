@@ -10,6 +10,7 @@ import torch
 from trainer_runs import assert_same_state, checkpoint_state, final_weights, launch, losses, write_config
 
 from mae_core.data.demo import build_demo
+from mae_core.progress import read_progress
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -142,6 +143,8 @@ def test_async_save_gives_the_same_run_and_complete_checkpoints(tmp_path: Path) 
     assert all(torch.equal(a[k], b[k]) for k in a)
     kept = sorted(p.name for p in (tmp_path / "async/checkpoints").iterdir())
     assert kept == ["step-000000004", "step-000000006"]  # keep_last=2
+    # The last progress flush comes after the async save's commit: it names step 6, as `ls` shows.
+    assert [(read_progress(str(tmp_path / run)) or {}).get("checkpoint_step") for run in ("sync", "async")] == [6, 6]
 
 
 def test_non_finite_loss_stops_with_one_line_and_keeps_last_checkpoint(tmp_path: Path) -> None:
