@@ -153,13 +153,13 @@ def submit(spec_path: Annotated[str, typer.Argument(metavar="SPEC")], set_: SetO
     profile = load_profile(spec.cluster)
     backend = get_backend(profile)
     runs = expand(spec)
-    new = registry.create_many(runs, profile, {run.run_id: Derived.of(run.spec).total_steps for run in runs})
-    created = {s.run_id for s in new}
-    for run in runs:
-        if run.run_id not in created:
-            console.print(f"[dim]{run.experiment}/{run.run_id} already exists; `maestro resume` continues it[/]")
-    if new:
-        backend.submit(registry, new)
+    with registry.creating(runs, profile, {run.run_id: Derived.of(run.spec).total_steps for run in runs}) as new:
+        created = {s.run_id for s in new}
+        for run in runs:
+            if run.run_id not in created:
+                console.print(f"[dim]{run.experiment}/{run.run_id} already exists; `maestro resume` continues it[/]")
+        if new:
+            backend.submit(registry, new)
     console.print(f"submitted {len(new)} run(s) of {spec.name} to {backend.name}; registry {registry.root}")
 
 

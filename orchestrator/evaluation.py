@@ -51,9 +51,9 @@ def plan_evaluation(spec: ExperimentSpec, of: RunState, job: str, step: int | No
 
 def create_and_submit(registry: Registry, runs: list[PlannedRun], profile: Profile) -> list[RunState]:
     """Record evaluation runs (existing ones are kept) and start the new ones on ``profile``'s backend."""
-    new = registry.create_many(runs, profile, {r.run_id: Derived.of(r.spec).total_steps for r in runs})
-    if new:
-        get_backend(profile).submit(registry, new)
+    with registry.creating(runs, profile, {r.run_id: Derived.of(r.spec).total_steps for r in runs}) as new:
+        if new:
+            get_backend(profile).submit(registry, new)
     return new
 
 

@@ -140,6 +140,51 @@ def test_a_backend_records_a_grid_it_hands_over_in_concurrent_requests(s3_bucket
     assert not any(registry.cancel_requested(s) for s in new)
 
 
+def test_a_submit_writes_each_new_run_once_with_its_job_id(s3_bucket: str, requests: Requests) -> None:
+    # `maestro submit` creates the runs and hands them to the backend in one `creating` block:
+    # the backend's record (queued, the job id, a "submitted" event) is written with the new
+    # run, not as a rewrite of it, so per run five PUTs and nothing read back.
+    registry = Registry(f"{s3_bucket}/registry")
+    runs, profile, steps = grid(30)
+    requests.reset()
+    with registry.creating(runs, profile, steps) as new:
+        listings = requests.calls["list_objects_v2"]
+        assert dict(requests.calls) == {"list_objects_v2": listings} and listings <= 2  # nothing written yet
+        assert Registry(registry.root).runs("grid") == []
+        requests.reset()
+        registry.clear_cancels(new)  # a new run has no cancel request: no request
+        registry.update_many({s.key: {"status": "queued", "job_ids": [f"job-{i}"]} for i, s in enumerate(new)},
+                             "submitted", {s.key: {"job_id": f"job-{i}"} for i, s in enumerate(new)})
+    # spec.json, cluster.yaml, state.json, events.jsonl, the mirror; one change record.
+    assert dict(requests.calls) == {"put_object": 5 * 30 + 1}
+    reader = Registry(registry.root)
+    for i, run in enumerate(runs):
+        state = reader.state("grid", run.run_id)
+        assert (state.status, state.job_ids, state.total_steps) == ("queued", [f"job-{i}"], steps[run.run_id])
+        assert reader.spec("grid", run.run_id) == run.spec and reader.profile("grid", run.run_id) == profile
+        assert [(e["event"], e.get("job_id"), e.get("swept")) for e in reader.events("grid", run.run_id)] == \
+            [("created", None, run.swept), ("submitted", f"job-{i}", None)]
+    assert {s.run_id: s.status for s in reader.runs("grid")} == {r.run_id: "queued" for r in runs}
+
+
+def test_runs_a_backend_did_not_record_are_created_pending(tmp_path: Path) -> None:
+    # A backend that fails part-way (sbatch refused the second array) loses no run: those it
+    # recorded are queued, the others exist as created, and `maestro resume` starts them.
+    registry = Registry(str(tmp_path / "registry"))
+    runs, profile, steps = grid(4)
+    with pytest.raises(RuntimeError, match="sbatch"), registry.creating(runs, profile, steps) as new:
+        registry.update_many({s.key: {"status": "queued", "job_ids": ["7"]} for s in new[:2]}, "submitted", {})
+        raise RuntimeError("sbatch: error: Batch job submission failed")
+    reader = Registry(registry.root)
+    assert [(s.run_id, s.status) for s in reader.runs("grid")] == \
+        [(r.run_id, "queued" if i < 2 else "pending") for i, r in enumerate(runs)]
+    assert [e["event"] for e in reader.events("grid", runs[3].run_id)] == ["created"]
+    assert [e["event"] for e in reader.events("grid", runs[0].run_id)] == ["created", "submitted"]
+    # Nothing is left to write twice, and submitting again creates nothing.
+    assert registry.create_many(runs, profile, steps) == []
+    assert len(list((tmp_path / "registry" / "grid" / runs[0].run_id).iterdir())) == 4
+
+
 def test_submit_cut_short_is_completed_by_the_next(tmp_path: Path) -> None:
     # A run counts as created once its listing mirror exists, which is written last.
     registry = Registry(str(tmp_path / "registry"))
@@ -216,6 +261,86 @@ def test_a_warm_ls_reads_the_change_journal_and_a_full_listing_finds_what_it_mis
     requests.reset()
     assert watcher.runs("grid")[3].step == 300
     assert any(".states" in p for p in requests.listed)
+
+
+def test_the_first_ls_after_a_grid_is_submitted_reads_its_states_from_one_record(
+        s3_bucket: str, requests: Requests) -> None:
+    root = f"{s3_bucket}/registry"
+    writer = Registry(root)
+    writer.write_state(RunState(experiment="grid", run_id="old", step=1))
+    Registry(root).runs("grid")  # a full listing: the index and its cursor
+    runs, profile, steps = grid(40)
+    with writer.creating(runs, profile, steps) as new:
+        writer.update_many({s.key: {"status": "queued", "job_ids": [f"job-{i}"]} for i, s in enumerate(new)},
+                           "submitted", {})
+    requests.reset()
+    listed = {s.run_id: s for s in Registry(root).runs("grid")}
+    # The index and the submit's batch record: no GET per new run.
+    assert requests.calls["get_object"] == 2
+    assert {r: listed[r] for r in steps} == {s.run_id: writer.state("grid", s.run_id) for s in new}
+    assert [listed[r.run_id].job_ids for r in runs] == [[f"job-{i}"] for i in range(40)]
+
+    # A run the reader knows already is fetched, whatever a batch says: its mirror may hold a
+    # later write, by a runner whose clock was behind the batch's writer.
+    first, second = new[0], new[1]
+    writer.update("grid", first.run_id, status="running", step=5)
+    stale = writer.state("grid", second.run_id).model_copy(update={"step": 1})
+    behind = time.time() - 60
+    with pytest.MonkeyPatch.context() as clock:
+        clock.setattr(journal.time, "time", lambda: behind)
+        files = journal.record_files(f"{storage.filesystem(root)[1]}/grid",
+                                     {first.run_id: writer.state("grid", first.run_id).model_copy(
+                                         update={"step": 2}).model_dump_json().encode(),
+                                      second.run_id: stale.model_dump_json().encode()})
+    storage.filesystem(root)[0].pipe(files)
+    requests.reset()
+    listed = {s.run_id: s for s in Registry(root).runs("grid")}
+    assert (listed[first.run_id].status, listed[first.run_id].step) == ("running", 5)
+    assert listed[second.run_id].step == 0
+    assert requests.calls["get_object"] == 1 + 1 + 2  # the index, the batch, both runs' mirrors
+
+
+def test_the_first_ls_of_a_new_grid_takes_the_states_its_batch_carries_while_they_match(
+        s3_bucket: str, requests: Requests) -> None:
+    # No index yet: the reader lists the mirror. A state the submit's batch record carries is
+    # used when its MD5 is the mirror's ETag, i.e. nobody rewrote the mirror since.
+    root = f"{s3_bucket}/registry"
+    writer = Registry(root)
+    runs, profile, steps = grid(40)
+    with writer.creating(runs, profile, steps) as new:
+        writer.update_many({s.key: {"status": "queued", "job_ids": [f"job-{i}"]} for i, s in enumerate(new)},
+                           "submitted", {})
+    # One run's runner started, without its change record (killed between mirror and record).
+    started = writer.state("grid", new[3].run_id).model_copy(update={"status": "running", "step": 7})
+    storage.write_bytes(storage.join(root, "grid", STATES, f"{new[3].run_id}.json"), started.model_dump_json().encode())
+    requests.reset()
+    listed = {s.run_id: s for s in Registry(root).runs("grid")}
+    # The (absent) index, the batch record, and the one mirror that no longer matches it.
+    assert requests.calls["get_object"] == 3
+    assert (listed[new[3].run_id].status, listed[new[3].run_id].step) == ("running", 7)
+    assert {r: s for r, s in listed.items() if r != new[3].run_id} == \
+        {s.run_id: writer.state("grid", s.run_id) for s in new if s.run_id != new[3].run_id}
+    # The index written now holds the mirrors' versions: the next full listing fetches no state.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(journal, "FULL_LISTING_S", 0.0)
+        requests.reset()
+        assert len(Registry(root).runs("grid")) == 40
+    assert any(".states" in p for p in requests.listed) and requests.calls["get_object"] == 1
+
+
+def test_a_batch_record_of_run_ids_alone_still_names_its_runs(s3_bucket: str) -> None:
+    # Batch records written before they carried states are lists of run ids.
+    root = f"{s3_bucket}/registry"
+    writer = Registry(root)
+    writer.write_state(RunState(experiment="grid", run_id="r0"))
+    reader = Registry(root)
+    reader.runs("grid")
+    fs, base = storage.filesystem(root)
+    storage.write_bytes(storage.join(root, "grid", STATES, "r0.json"),
+                        RunState(experiment="grid", run_id="r0", step=9).model_dump_json().encode())
+    ms = int(time.time() * 1000)
+    fs.pipe({f"{base}/grid/{journal.CHANGES}/{ms // journal.FOLDER_MS}/{ms:013d}~oldformat": b'["r0"]'})
+    assert [s.step for s in reader.runs("grid")] == [9]
 
 
 def test_states_read_from_the_index_equal_those_written(s3_bucket: str, requests: Requests) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import submitit
 import torch
 import yaml
 from maestro_cli import (
@@ -29,8 +30,11 @@ from trainer_runs import final_weights, launch, losses
 from mae_core import storage
 from mae_core.checkpoint import Checkpointer
 from mae_core.contract import PREEMPTED_EXIT_CODE
+from orchestrator.backends.slurm import SlurmBackend, slurm_state
+from orchestrator.profiles import load_profile
 from orchestrator.registry import Registry, RunState
 from orchestrator.spec import load_spec
+from orchestrator.sweep import expand
 from orchestrator.testing.slurm_cluster import SlurmCluster
 from orchestrator.testing.specs import merge
 
@@ -215,6 +219,51 @@ class TestOneNode:
             spans.append((events["started"], events["completed"]))
         most_at_once = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
         assert most_at_once == 2
+
+    def test_a_grid_the_registry_cannot_record_is_cancelled_while_held(
+            self, one_node: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        # The array is submitted held, so that the registry can record its job ids before any
+        # task runs. If that write fails, nothing may run unrecorded: the held array is cancelled
+        # and the runs are left pending for `maestro resume`.
+        spec = load_spec(str(write_spec(tmp_path, resources={"gpus_per_node": 1}, sweep={"grid": {"seed": [1, 2]}})))
+        profile = load_profile(spec.cluster)
+        registry = Registry(str(tmp_path / "registry"))
+        arrays: list[list[Any]] = []
+        map_array = submitit.SlurmExecutor.map_array
+        monkeypatch.setattr(submitit.SlurmExecutor, "map_array",
+                            lambda self, *a: arrays.append(map_array(self, *a)) or arrays[-1])
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise OSError("the bucket refused the write")
+
+        monkeypatch.setattr(registry, "update_many", refuse)
+        runs = expand(spec)
+        with pytest.raises(OSError, match="refused"), \
+                registry.creating(runs, profile, {r.run_id: 16 for r in runs}) as new:
+            SlurmBackend(profile).submit(registry, new)
+        [jobs] = arrays
+        assert len(jobs) == 2
+        wait_for(lambda: not any(in_squeue(job.job_id) for job in jobs), timeout=15, what="the held array to go")
+        # An array whose tasks never started is one record in SLURM's accounting, under its own id.
+        wait_for(lambda: slurm_state(jobs[0].job_id.split("_")[0]) == "CANCELLED", timeout=30,
+                 what="SLURM to account the array cancelled")
+        assert not any(Path(job.paths.stdout).exists() for job in jobs)  # no task ever started
+        assert [(s.status, s.job_ids) for s in Registry(registry.root).runs()] == [("pending", [])] * 2
+
+    def test_a_queued_run_whose_job_was_scancelled_by_hand_ends_cancelled(self, one_node: SlurmCluster,
+                                                                          tmp_path: Path) -> None:
+        # Accounting says "CANCELLED by <uid>"; the state is its first word, not its last.
+        job_id = subprocess.run(["sbatch", "--parsable", "--hold", "--partition", "low", "--output", "/dev/null",
+                                 "--wrap", "true"], capture_output=True, text=True, check=True).stdout.strip()
+        subprocess.run(["scancel", job_id], check=True)
+        wait_for(lambda: not in_squeue(job_id), timeout=15, what="the job to leave squeue")
+        profile = load_profile(str(write_spec(tmp_path).parent / "cluster.yaml"))
+        state = RunState(experiment="slurm", run_id="r", status="queued", backend="slurm", job_ids=[job_id],
+                         updated=time.time() - 60)
+        wait_for(lambda: SlurmBackend(profile).status(Registry(str(tmp_path)), state) is not None, timeout=30,
+                 what="SLURM to account the job")
+        ended = SlurmBackend(profile).status(Registry(str(tmp_path)), state)
+        assert ended is not None and ended.status == "cancelled" and f"{job_id} ended CANCELLED" in ended.message
 
     def test_cancel_leaves_squeue_within_15_s(self, one_node: SlurmCluster, tmp_path: Path) -> None:
         root = str(tmp_path / "registry")

@@ -149,11 +149,12 @@ def slurm_state(job_id: str) -> str | None:
     for argv in (["squeue", "-h", "-j", job_id, "-o", "%T"],
                  ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]):
         try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=15).stdout.split()
+            lines = subprocess.run(argv, capture_output=True, text=True, timeout=15).stdout.split("\n")
         except (OSError, subprocess.SubprocessError):
             continue
-        if out:
-            return out[-1].split()[0].rstrip("+")  # "CANCELLED by 0" -> CANCELLED
+        words = [line.split() for line in lines if line.strip()]
+        if words:
+            return words[-1][0].rstrip("+")  # "CANCELLED by 0" -> CANCELLED
     return None
 
 
@@ -241,10 +242,16 @@ class SlurmBackend:
             # Recorded while the jobs are held: no runner writes these states before they are released.
             for state, job in zip(states, jobs, strict=True):
                 ids[state.key] = job.job_id
-            registry.update_many({s.key: {"status": "queued", "backend": self.name, "job_ids": [*s.job_ids, ids[s.key]],
-                                          "pid": None, "host": None} for s in states},
-                                 "submitted", {s.key: {"backend": self.name, "job_id": ids[s.key]} for s in states})
             array_id = jobs[0].job_id.split("_")[0]
+            try:
+                registry.update_many({s.key: {"status": "queued", "backend": self.name,
+                                              "job_ids": [*s.job_ids, ids[s.key]], "pid": None, "host": None}
+                                      for s in states},
+                                     "submitted", {s.key: {"backend": self.name, "job_id": ids[s.key]} for s in states})
+            except BaseException:
+                # Unrecorded jobs would run where no registry knows them; held, they have not started.
+                subprocess.run(["scancel", array_id], capture_output=True, timeout=60, check=False)
+                raise
             subprocess.run(["scontrol", "release", array_id], check=True, capture_output=True, timeout=60)
         return [ids[s.key] for s in runs]
 
