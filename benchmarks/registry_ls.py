@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import OtherLoad, counted_requests, start_moto
+from registry_submit import PROFILE, grid_spec, submit_batched
 from rich.console import Console
 from rich.table import Table
 
@@ -46,10 +47,7 @@ from mae_core import storage
 from orchestrator import journal
 from orchestrator.profiles import load_profile
 from orchestrator.registry import INDEX, STATES, Registry, RunState, _Entry, _Index
-from orchestrator.spec import Derived, load_spec
-from orchestrator.sweep import expand
 
-REPO = Path(__file__).resolve().parents[1]
 TARGETS_S = {1_000: 2.0, 100_000: 15.0}
 CHANGED = 1_000
 EXPERIMENTS = ["mae-vit-b-1600ep", "mae-vit-l-800ep", "mae-vit-h-1600ep", "mask-ratio-sweep", "decoder-ablation",
@@ -163,19 +161,6 @@ def change_states(root: str, count: int) -> int:
     return len(states)
 
 
-def submit_grid(root: str, experiment: str, count: int) -> None:
-    """What `maestro submit` writes for a grid of ``count`` runs, recorded as handed to SLURM."""
-    spec = load_spec(str(REPO / "jobs/vit_huge_1600ep.yaml"),
-                     [f"name={experiment}", f"cluster={REPO / 'cluster_configs/local.yaml'}",
-                      f"sweep.grid={{seed: {list(range(count))}}}"])
-    planned = expand(spec)
-    registry = Registry(root)
-    with registry.creating(planned, load_profile(spec.cluster),
-                           {r.run_id: Derived.of(r.spec).total_steps for r in planned}) as new:
-        registry.update_many({s.key: {"status": "queued", "job_ids": [f"1234_{i}"]} for i, s in enumerate(new)},
-                             "submitted", {})
-
-
 def naive_read(root: str) -> int:
     """One request per state.json, in turn: the approach the batched reads of Registry.runs replace."""
     fs, _ = storage.filesystem(root)
@@ -249,7 +234,7 @@ def measure(kind: str, base: str, sizes: list[int], repeats: int, naive_max: int
             listed_runs = runs
             for where, experiment in (("to an experiment read before", EXPERIMENTS[0]), ("as a new experiment",
                                                                                        "new-grid")):
-                submit_grid(root, experiment, CHANGED)
+                submit_batched(Registry(root), grid_spec(experiment, CHANGED), load_profile(PROFILE))
                 listed_runs += CHANGED
                 after = timed(lambda root=root, n=listed_runs: ls(root, n), 1)
                 yield (kind, runs, f"maestro ls, first after submitting {CHANGED:,} runs {where}", after,

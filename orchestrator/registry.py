@@ -363,17 +363,15 @@ class Registry:
         updated: dict[str, RunState] = {}
         for key, folder in folders.items():
             if key in unwritten:
-                state, created = unwritten[key]
-                files.update(created)
-                blobs[f"{folder}/events.jsonl"] = created[f"{folder}/events.jsonl"]
-            elif f"{folder}/state.json" in blobs:
-                state = RunState.model_validate_json(blobs[f"{folder}/state.json"])
+                state, files_of_run = unwritten[key]
+                files.update(files_of_run)
+                events = files_of_run[f"{folder}/events.jsonl"]
             else:
-                experiment, run_id = key.split("/", 1)
-                self.state(experiment, run_id)  # raises the one-line "not in the registry" error
+                state = RunState.model_validate_json(blobs[f"{folder}/state.json"]) \
+                    if f"{folder}/state.json" in blobs else self.state(*key.split("/", 1))  # "not in the registry"
+                events = blobs.get(f"{folder}/events.jsonl", b"")
             state = state.model_copy(update=changes[key])
-            files[f"{folder}/events.jsonl"] = blobs.get(f"{folder}/events.jsonl", b"") + \
-                _event_line(state, event, **details.get(key, {}))
+            files[f"{folder}/events.jsonl"] = events + _event_line(state, event, **details.get(key, {}))
             updated[key] = state
         self._commit(list(updated.values()), files)
         return updated

@@ -149,12 +149,11 @@ def slurm_state(job_id: str) -> str | None:
     for argv in (["squeue", "-h", "-j", job_id, "-o", "%T"],
                  ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]):
         try:
-            lines = subprocess.run(argv, capture_output=True, text=True, timeout=15).stdout.split("\n")
+            lines = subprocess.run(argv, capture_output=True, text=True, timeout=15).stdout.strip().splitlines()
         except (OSError, subprocess.SubprocessError):
             continue
-        words = [line.split() for line in lines if line.strip()]
-        if words:
-            return words[-1][0].rstrip("+")  # "CANCELLED by 0" -> CANCELLED
+        if lines:
+            return lines[-1].split()[0].rstrip("+")  # "CANCELLED by 0" -> CANCELLED
     return None
 
 
