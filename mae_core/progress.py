@@ -9,6 +9,7 @@ committed checkpoint, where a resume would start now.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -26,10 +27,18 @@ def write_progress(output: str, step: int, **values: Any) -> None:
 
 
 def read_progress(output: str) -> dict[str, Any] | None:
-    """The last progress record, or None before the first flush (or if it cannot be parsed:
-    a foreign file must not stop a listing)."""
+    """The last progress record, or None before the first flush."""
     try:
-        record = storage.read_json(progress_url(output))
-    except (FileNotFoundError, ValueError):
+        return parse_progress(storage.read_bytes(progress_url(output)))
+    except FileNotFoundError:
+        return None
+
+
+def parse_progress(blob: bytes | None) -> dict[str, Any] | None:
+    """A progress record from its bytes (as a batch of GETs returns them), or None for a missing,
+    torn or foreign file: it must not stop a listing."""
+    try:
+        record = json.loads(blob) if blob is not None else None
+    except ValueError:
         return None
     return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 
 from mae_core import storage
 from mae_core.goodput import Goodput
-from mae_core.progress import progress_url
+from mae_core.progress import parse_progress, progress_url
 from orchestrator import journal
 from orchestrator.errors import UserError
 from orchestrator.profiles import Profile, parse_profile
@@ -184,14 +184,10 @@ def _write_durably(folder: str, files: list[tuple[str, bytes]]) -> list[tuple[st
     return renames
 
 
-def _progress_fields(blob: bytes | None) -> dict[str, Any]:
-    """The state fields a progress.json record holds; none for a missing or foreign file (the
-    rule of ``mae_core.progress.read_progress``, applied to a blob fetched in a batch)."""
-    try:
-        record = json.loads(blob) if blob is not None else None
-    except ValueError:
-        return {}
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+def progress_fields(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The state fields a trainer's progress record (``mae_core.progress``) holds: what ``ls``
+    and ``watch`` show of a training run, and what its runner records when the attempt ends."""
+    if record is None:
         return {}
     fields = {k: record[k] for k in ("step", "loss", "img_s", "heartbeat")
               if isinstance(record.get(k), int | float) and not isinstance(record[k], bool)}
@@ -492,7 +488,7 @@ class Registry:
         if not paths:
             return states
         blobs = self._get_many(list(paths.values()))
-        return [s.model_copy(update=_progress_fields(blobs.get(paths[s.key]))) if s.key in paths else s
+        return [s.model_copy(update=progress_fields(parse_progress(blobs.get(paths[s.key])))) if s.key in paths else s
                 for s in states]
 
     @staticmethod

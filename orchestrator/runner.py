@@ -34,7 +34,7 @@ from mae_core.contract import (
 )
 from mae_core.goodput import attempt_goodput
 from mae_core.progress import read_progress
-from orchestrator.registry import Registry, RunState, StaleAttempt
+from orchestrator.registry import Registry, RunState, StaleAttempt, progress_fields
 
 # How often the trainer's exit is checked: local, free.
 POLL_S = 2.0
@@ -52,14 +52,6 @@ RESUME_HINT = "`maestro resume` continues from the last checkpoint"
 def latest_checkpoint_step(registry: Registry, state: RunState) -> int | None:
     info = latest_checkpoint(storage.join(registry.run_url(state.experiment, state.run_id), CHECKPOINTS_DIR))
     return info.step if info else None
-
-
-def progress_fields(last: dict[str, Any] | None) -> dict[str, Any]:
-    """The trainer's newest flushed progress (``<run>/progress.json``) as state fields."""
-    if last is None:
-        return {}
-    return {"step": last["step"], "loss": last.get("loss"), "img_s": last.get("img_s"),
-            "heartbeat": last.get("heartbeat")}
 
 
 def error_line(log: Path) -> str:

@@ -118,6 +118,17 @@ def ray_cluster(s3_endpoint: str) -> Iterator[RayCluster]:
         cluster.stop()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that used the Ray cluster reports the cluster's and its jobs' logs: the
+    fixture deletes them with the cluster, and a failure seen once in CI is otherwise blind."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    cluster = getattr(item, "funcargs", {}).get("ray_cluster")
+    if report.failed and isinstance(cluster, RayCluster):
+        report.sections.append(("Ray cluster logs", cluster.log_tail()))
+
+
 REPO = Path(__file__).resolve().parents[1]
 # The README quickstart's registry, its one run, and what the command printed.
 Quickstart = tuple[Registry, RunState, str]

@@ -94,10 +94,12 @@ class RayCluster:
         return self.temp_dir / _START_LOG
 
     def log_tail(self, chars: int = _LOG_TAIL_CHARS) -> str:
-        """The end of the ``ray start`` output and of the GCS, raylet and dashboard logs, for errors."""
+        """The end of the ``ray start`` output, of the GCS, raylet and dashboard logs, and of each
+        job's driver log, for errors."""
         parts = []
         paths = [self.log_path]
-        for name in ("gcs_server.err", "raylet.err", "dashboard.err", "dashboard_agent.err", "dashboard.log"):
+        for name in ("gcs_server.err", "raylet.err", "dashboard.err", "dashboard_agent.err", "dashboard.log",
+                     "job-driver-*.log"):
             paths.extend(sorted(self.temp_dir.glob(f"session_*/logs/{name}")))
         for path in paths:
             try:
