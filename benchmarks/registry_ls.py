@@ -46,7 +46,7 @@ from rich.table import Table
 from mae_core import storage
 from orchestrator import journal
 from orchestrator.profiles import load_profile
-from orchestrator.registry import INDEX, STATES, Registry, RunState, _Entry, _Index
+from orchestrator.registry import INDEX, PACKS, STATES, Registry, RunState, _Entry, _Index
 
 TARGETS_S = {1_000: 2.0, 100_000: 15.0}
 CHANGED = 1_000
@@ -106,6 +106,11 @@ def registry_objects(sizes: list[int], experiments: int, seed: int, naive_max: i
             # The version a listing reports for a single-part PUT: its ETag, the quoted MD5.
             version = f'"{hashlib.md5(data).hexdigest()}"'
             indexes.setdefault(state.experiment, {})[state.run_id] = _Entry(version=version, state=state)
+        for exp in indexes:
+            # Packs, as any submit to an object store leaves them (here only the folder's anchor):
+            # an experiment without the folder costs its first full listing a listing of every
+            # run's folder (s3fs's answer to an empty listing), once, then gets the anchor.
+            objects[f"{exp}/{PACKS}/{journal.ANCHOR}"] = b""
         if runs > cold_max:
             # As a full listing leaves it: its journal cursor at "now", so the timed `ls` reads the
             # journal (the server starts within minutes; a full listing is due after an hour).

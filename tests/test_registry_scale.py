@@ -18,8 +18,9 @@ from mae_core import storage
 from mae_core.goodput import Goodput
 from mae_core.progress import write_progress
 from orchestrator import cli, journal
+from orchestrator.errors import UserError
 from orchestrator.profiles import Profile, load_profile
-from orchestrator.registry import INDEX, STATES, Registry, RunState
+from orchestrator.registry import INDEX, PACKS, STATES, Registry, RunState
 from orchestrator.spec import Derived, ExperimentSpec
 from orchestrator.sweep import PlannedRun, expand
 
@@ -72,7 +73,7 @@ def requests(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Reques
     yield seen
 
 
-def test_submit_of_a_grid_lists_once_and_writes_each_file_once(s3_bucket: str, requests: Requests) -> None:
+def test_submit_of_a_grid_writes_one_pack_whatever_its_size(s3_bucket: str, requests: Requests) -> None:
     registry = Registry(f"{s3_bucket}/registry")
     counts = {}
     for size in (10, 40):
@@ -81,35 +82,73 @@ def test_submit_of_a_grid_lists_once_and_writes_each_file_once(s3_bucket: str, r
         new = registry.create_many(runs, profile, steps)
         assert [s.run_id for s in new] == [r.run_id for r in runs]
         counts[size] = dict(requests.calls)
-        # spec.json, cluster.yaml, state.json, events.jsonl and the listing mirror: one PUT each,
-        # and one change record for the whole grid.
-        assert requests.calls.pop("put_object") == 5 * size + 1
-        assert requests.most_in_flight > 1
-    # What is not a PUT (the existence check) does not grow with the grid: no HEAD or GET per run.
-    assert counts[10].keys() - {"put_object"} == counts[40].keys() - {"put_object"} == {"list_objects_v2"}
-    assert counts[10]["list_objects_v2"] == counts[40]["list_objects_v2"] <= 2
+    # The pack (every run's state.json, spec.json, cluster.yaml and events.jsonl), its list of run
+    # ids and one change record: three PUTs, whatever the grid's size. The existence check before
+    # them lists the mirror and the packs: no HEAD or GET per run.
+    assert counts[10] == counts[40] and counts[10]["put_object"] == 3
+    assert counts[10].keys() == {"put_object", "list_objects_v2"} and counts[10]["list_objects_v2"] <= 4
 
+    # Another process reads each run's files from the pack: no run has a folder yet.
     runs, profile, steps = grid(40, name="grid40")
+    reader = Registry(registry.root)
+    assert not storage.filesystem(registry.root)[0].exists(f"{storage.filesystem(registry.root)[1]}/grid40/"
+                                                            f"{runs[0].run_id}")
     for run in runs:
-        state = registry.state(run.experiment, run.run_id)
+        state = reader.state(run.experiment, run.run_id)
         assert state.status == "pending" and state.total_steps == steps[run.run_id] and state.backend == "local"
-        assert registry.spec(run.experiment, run.run_id) == run.spec
-        assert registry.profile(run.experiment, run.run_id) == profile
-        [created] = registry.events(run.experiment, run.run_id)
+        assert reader.spec(run.experiment, run.run_id) == run.spec
+        assert reader.profile(run.experiment, run.run_id) == profile
+        [created] = reader.events(run.experiment, run.run_id)
         assert created["event"] == "created" and created["swept"] == run.swept
-    assert {s.run_id for s in registry.runs("grid40")} == set(steps)
+    assert {s.run_id for s in reader.runs("grid40")} == set(steps)
 
-    # Resubmitting creates nothing and writes nothing.
+    # Resubmitting creates nothing and writes nothing. A process that has not read the pack reads
+    # its list of run ids (kilobytes), not the pack.
     requests.reset()
-    assert registry.create_many(runs, profile, steps) == []
-    assert "put_object" not in requests.calls
+    assert Registry(registry.root).create_many(runs, profile, steps) == []
+    assert "put_object" not in requests.calls and requests.calls["get_object"] == 1
+
+
+def test_a_packed_run_s_first_writes_put_its_whole_files_in_its_folder(s3_bucket: str) -> None:
+    # A run's state and events, once written, are read from its folder: its pack is never
+    # rewritten, and what it holds stays the start of the run's event log.
+    root = f"{s3_bucket}/registry"
+    runs, profile, steps = grid(3)
+    Registry(root).create_many(runs, profile, steps)
+    first, second = runs[0].run_id, runs[1].run_id
+    writer = Registry(root)
+    writer.update("grid", first, status="running", step=3)
+    writer.event(writer.state("grid", first), "started", host="n1")
+    writer.update_many({f"grid/{second}": {"status": "queued", "job_ids": ["9"]}}, "submitted", {})
+    fs, base = storage.filesystem(root)
+    assert fs.exists(f"{base}/grid/{first}/state.json") and fs.exists(f"{base}/grid/{second}/events.jsonl")
+    reader = Registry(root)
+    assert (reader.state("grid", first).status, reader.state("grid", first).step) == ("running", 3)
+    assert [e["event"] for e in reader.events("grid", first)] == ["created", "started"]
+    assert [e["event"] for e in reader.events("grid", second)] == ["created", "submitted"]
+    assert reader.state("grid", second).job_ids == ["9"]
+    assert {s.run_id: s.status for s in reader.runs("grid")} == \
+        {first: "running", second: "queued", runs[2].run_id: "pending"}
+    with pytest.raises(UserError, match="not in the registry"):
+        reader.state("grid", "nope")
+    # Once written, a run needs its pack no more: its first state write put its spec and profile
+    # in its folder too, so later attempts read none of the pack.
+    fs.rm(fs.ls(f"{base}/grid/{PACKS}"))
+    for run in runs[:2]:
+        reader = Registry(root)
+        assert reader.spec("grid", run.run_id) == run.spec and reader.profile("grid", run.run_id) == profile
+        assert reader.state("grid", run.run_id).status in ("running", "queued")
+        assert reader.events("grid", run.run_id)[0]["event"] == "created"
+    with pytest.raises(UserError, match="not in the registry"):
+        Registry(root).state("grid", runs[2].run_id)
 
 
 def test_a_backend_records_a_grid_it_hands_over_in_concurrent_requests(s3_bucket: str, requests: Requests) -> None:
-    # What a backend's submit records for each run (queued, its job id, a "submitted" event):
-    # per run one GET each of state and events and one PUT each of state, mirror and events,
-    # several in flight, instead of a sequence of seven calls per run. The specs were just
-    # written by this process and are never rewritten: not fetched back.
+    # What a backend records for runs created before (queued, the job id, a "submitted" event),
+    # as a resume does: per run one GET each of state and events (absent from the folder: the
+    # pack, which this process wrote, holds them) and one PUT each of state, mirror and events,
+    # plus, as this is each run's first write, its spec and profile, several in flight. The specs
+    # were just written by this process and are never rewritten: not fetched back.
     registry = Registry(f"{s3_bucket}/registry")
     runs, profile, steps = grid(30)
     new = registry.create_many(runs, profile, steps)
@@ -117,13 +156,21 @@ def test_a_backend_records_a_grid_it_hands_over_in_concurrent_requests(s3_bucket
     specs = registry.specs(new)
     recorded = registry.update_many({s.key: {"status": "queued", "job_ids": [f"job-{i}"]} for i, s in enumerate(new)},
                                     "submitted", {s.key: {"job_id": f"job-{i}"} for i, s in enumerate(new)})
-    assert dict(requests.calls) == {"get_object": 2 * 30, "put_object": 3 * 30 + 1}  # + one change record
+    assert dict(requests.calls) == {"get_object": 2 * 30, "put_object": 5 * 30 + 1}  # + one change record
     assert requests.most_in_flight > 1
     assert specs == {f"grid/{r.run_id}": r.spec for r in runs}
-    # Another process (a later `resume`) reads them from the store, concurrently, one GET each.
+    # Another process (a later `resume`) reads them from the grid's pack: a listing of the packs,
+    # then a GET of the pack's run ids and one of the pack.
     requests.reset()
     assert Registry(registry.root).specs(new) == specs
-    assert dict(requests.calls) == {"get_object": 30} and requests.most_in_flight > 1
+    assert dict(requests.calls) == {"list_objects_v2": 1, "get_object": 2}
+    # Without a pack (a registry from before packs), each spec is fetched from the run's
+    # folder, where the first write put it: concurrently, one GET each.
+    fs, base = storage.filesystem(registry.root)
+    fs.rm(fs.ls(f"{base}/grid/{PACKS}"))
+    requests.reset()
+    assert Registry(registry.root).specs(new) == specs
+    assert requests.calls["get_object"] == 30 and requests.most_in_flight > 1
     for i, run in enumerate(runs):
         state = registry.state("grid", run.run_id)
         assert state == recorded[state.key] and (state.status, state.job_ids) == ("queued", [f"job-{i}"])
@@ -139,24 +186,30 @@ def test_a_backend_records_a_grid_it_hands_over_in_concurrent_requests(s3_bucket
     assert dict(requests.calls) == {"delete_objects": 1}
     assert not any(registry.cancel_requested(s) for s in new)
 
+    # Written once, a run is written as any other: its spec and profile are not written again.
+    requests.reset()
+    registry.update_many({s.key: {"status": "requeued"} for s in new}, "resumed", {})
+    assert dict(requests.calls) == {"get_object": 2 * 30, "put_object": 3 * 30 + 1}
+
 
 def test_a_submit_writes_each_new_run_once_with_its_job_id(s3_bucket: str, requests: Requests) -> None:
     # `maestro submit` creates the runs and hands them to the backend in one `creating` block:
     # the backend's record (queued, the job id, a "submitted" event) is written with the new
-    # run, not as a rewrite of it, so per run five PUTs and nothing read back.
+    # runs, in their pack, not as a rewrite of them: nothing is read back.
     registry = Registry(f"{s3_bucket}/registry")
     runs, profile, steps = grid(30)
     requests.reset()
     with registry.creating(runs, profile, steps) as new:
         listings = requests.calls["list_objects_v2"]
-        assert dict(requests.calls) == {"list_objects_v2": listings} and listings <= 2  # nothing written yet
+        # Nothing written yet: listings of the mirror and the packs (each empty, and then of its parent).
+        assert dict(requests.calls) == {"list_objects_v2": listings} and listings <= 4
         assert Registry(registry.root).runs("grid") == []
         requests.reset()
         registry.clear_cancels(new)  # a new run has no cancel request: no request
         registry.update_many({s.key: {"status": "queued", "job_ids": [f"job-{i}"]} for i, s in enumerate(new)},
                              "submitted", {s.key: {"job_id": f"job-{i}"} for i, s in enumerate(new)})
-    # spec.json, cluster.yaml, state.json, events.jsonl, the mirror; one change record.
-    assert dict(requests.calls) == {"put_object": 5 * 30 + 1}
+    # The pack, its list of run ids and one change record.
+    assert dict(requests.calls) == {"put_object": 3}
     reader = Registry(registry.root)
     for i, run in enumerate(runs):
         state = reader.state("grid", run.run_id)
@@ -205,11 +258,12 @@ def test_ls_on_s3_fetches_changed_states_concurrently_without_a_head_each(s3_buc
     requests.reset()
     assert [s.step for s in Registry(root).runs("grid")] == list(range(30))
     # 30 states and the (absent) index: one GET each, several in flight, no HEAD; listings of
-    # the mirror and of the change journal's folders and newest folder.
+    # the mirror, of the change journal's folders and newest folder, and of the packs (none yet:
+    # s3fs lists the parent then, which the packs' anchor spares the next full listing).
     assert requests.calls["get_object"] == 31 and requests.most_in_flight > 1
     assert "head_object" not in requests.calls
-    assert sorted(p.split("/", 2)[2] for p in requests.listed) == [".changes/", f".changes/{journal_folder()}/",
-                                                                   ".states/"]
+    assert sorted(p.split("/", 2)[2] for p in requests.listed) == ["", ".changes/", f".changes/{journal_folder()}/",
+                                                                   ".packs/", ".states/"]
 
     writer.update("grid", "r07", step=700)
     requests.reset()
@@ -300,27 +354,41 @@ def test_the_first_ls_after_a_grid_is_submitted_reads_its_states_from_one_record
     assert requests.calls["get_object"] == 1 + 1 + 2  # the index, the batch, both runs' mirrors
 
 
-def test_the_first_ls_of_a_new_grid_takes_the_states_its_batch_carries_while_they_match(
+def test_the_first_ls_of_a_new_grid_reads_its_pack_then_batches_while_they_match(
         s3_bucket: str, requests: Requests) -> None:
-    # No index yet: the reader lists the mirror. A state the submit's batch record carries is
-    # used when its MD5 is the mirror's ETag, i.e. nobody rewrote the mirror since.
+    # No index yet: the reader lists the mirror and the packs. A new grid's runs have no mirror
+    # yet and take the states their pack holds: one GET for the grid.
     root = f"{s3_bucket}/registry"
     writer = Registry(root)
     runs, profile, steps = grid(40)
     with writer.creating(runs, profile, steps) as new:
         writer.update_many({s.key: {"status": "queued", "job_ids": [f"job-{i}"]} for i, s in enumerate(new)},
                            "submitted", {})
-    # One run's runner started, without its change record (killed between mirror and record).
-    started = writer.state("grid", new[3].run_id).model_copy(update={"status": "running", "step": 7})
-    storage.write_bytes(storage.join(root, "grid", STATES, f"{new[3].run_id}.json"), started.model_dump_json().encode())
     requests.reset()
     listed = {s.run_id: s for s in Registry(root).runs("grid")}
-    # The (absent) index, the batch record, and the one mirror that no longer matches it.
-    assert requests.calls["get_object"] == 3
+    assert requests.calls["get_object"] == 2  # the (absent) index and the pack
+    assert listed == {s.run_id: writer.state("grid", s.run_id) for s in new}
+    assert {s.status for s in listed.values()} == {"queued"}
+
+    # A resume of the grid rewrites every state and mirror, and one batch record carries the new
+    # states with each mirror's MD5. Then one run's runner started, without its change record
+    # (killed between mirror and record).
+    writer.update_many({s.key: {"status": "requeued"} for s in new}, "resumed", {})
+    started = writer.state("grid", new[3].run_id).model_copy(update={"status": "running", "step": 7})
+    storage.write_bytes(storage.join(root, "grid", STATES, f"{new[3].run_id}.json"), started.model_dump_json().encode())
+    storage.remove(storage.join(root, "grid", INDEX))
+    requests.reset()
+    listed = {s.run_id: s for s in Registry(root).runs("grid")}
+    # The (absent) index, the pack, the two batch records (the submit's, the resume's), and the
+    # one mirror that no longer matches its batch: a state a batch carries is the mirror's own
+    # while the mirror's ETag is its MD5, i.e. nobody rewrote the mirror since.
+    assert requests.calls["get_object"] == 5
     assert (listed[new[3].run_id].status, listed[new[3].run_id].step) == ("running", 7)
     assert {r: s for r, s in listed.items() if r != new[3].run_id} == \
         {s.run_id: writer.state("grid", s.run_id) for s in new if s.run_id != new[3].run_id}
-    # The index written now holds the mirrors' versions: the next full listing fetches no state.
+    assert {s.status for r, s in listed.items() if r != new[3].run_id} == {"requeued"}
+    # The index written now holds the mirrors' versions and the packs it applied: the next full
+    # listing fetches no state and no pack.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(journal, "FULL_LISTING_S", 0.0)
         requests.reset()
