@@ -11,7 +11,7 @@ can read it, and no database or shared filesystem is needed.
         attempt.json     which attempt owns the run now (contract.claim_output)
         metrics/    tb/    checkpoints/    logs/     (written by the trainer and the runner)
     <root>/<experiment>/.states/<run_id>.json    a copy of each state.json, for listing
-    <root>/<experiment>/.packs/<ms>~<tag>.json   runs created together on an object store
+    <root>/<experiment>/.packs/<ms>~<tag>.json   runs created together on an object store, until each is written
     <root>/<experiment>/.index.json              states as last read by `ls`, and its journal cursor
     <root>/<experiment>/.changes/                which runs changed when (object stores; ``journal``)
 
@@ -19,11 +19,13 @@ Every object is replaced whole by one atomic write (``mae_core.storage``), so a 
 while a run writes sees the previous version or the next, never a torn one. After a run starts,
 its runner is the only writer of ``state.json``; the CLI asks for a cancel through ``cancel``.
 
-On object stores the runs a submit creates are written together in one pack: each run's
-state.json, spec.json, cluster.yaml and events.jsonl, in a single object, which is never
-rewritten. A run's file that is not in its folder is read from its pack, and each write of the
-file puts its whole content in the folder. A 1,000-run grid is then one PUT, not 5,000: at ~5 ms
-of client and server CPU per request on moto, that was 23 s of every such submit.
+On object stores the runs a submit creates are written together in one pack per experiment:
+every run's state.json, spec.json, cluster.yaml and events.jsonl in a single object that is never
+rewritten, with its list of run ids beside it (``<ms>~<tag>.ids``). A run's file that is not in
+its folder is read from its pack; a write of the file puts its whole content in the folder, and a
+run's first state write puts its spec and profile there too, so a started run needs its pack no
+more. A 1,000-run grid is then three PUTs (pack, ids, change record), not 5,000: at ~5 ms of
+client and server CPU per request on moto, those took 23 s of every such submit.
 """
 
 from __future__ import annotations
@@ -263,7 +265,8 @@ class Registry:
         mirror, tells which exist), written when the block ends. A backend handed them inside the
         block records its job ids through ``update_many``, which writes each new run once with
         them instead of creating it and then rewriting its state and events: a submit of 1,000
-        runs writes 5,000 files, not 8,000, and reads none back. Whatever the block did not
+        runs writes 5,000 files on local disk, not 8,000, and one pack on object stores, and reads
+        none back. Whatever the block did not
         record, even when it raised, is written as created (pending), as a plain create would."""
         existing = {exp: set(self._versions(exp)).union(*self._ids_of(self._pack_paths(exp)).values())
                     for exp in {run.experiment for run in runs}}
