@@ -60,13 +60,14 @@ class Carried(NamedTuple):
     md5: str
 
 
-def record_files(experiment_path: str, states: dict[str, bytes]) -> dict[str, bytes]:
+def record_files(experiment_path: str, states: dict[str, bytes], carry: bool = False) -> dict[str, bytes]:
     """The record of a state write of these runs of one experiment (a path inside its filesystem),
     given each run's new state as written. A batch carries the states: a reader that meets a
-    grid's runs for the first time there needs no GET for each."""
+    grid's runs for the first time there needs no GET for each. With ``carry``, even one run's
+    record is a batch: runs written into a pack have no mirror for a reader to fetch."""
     ms = int(time.time() * 1000)
     folder = f"{experiment_path}/{CHANGES}/{ms // FOLDER_MS}"
-    if len(states) == 1:
+    if len(states) == 1 and not carry:
         return {f"{folder}/{ms:013d}-{next(iter(states))}": b""}
     # Each state's bytes go in as they are: the MD5 is of exactly those.
     body = b",".join(json.dumps(run_id).encode() + b':{"md5":"' + hashlib.md5(state).hexdigest().encode()

@@ -320,7 +320,8 @@ class Registry:
             self._packs[path], self._pack_ids[path] = packed, frozenset(packed)
         self._write_many({path: blob for exp, packed in by_experiment.items()
                           for path, blob in journal.record_files(
-                              f"{base}/{exp}", {r: files["state.json"] for r, files in packed.items()}).items()})
+                              f"{base}/{exp}", {r: files["state.json"] for r, files in packed.items()},
+                              carry=True).items()})
 
     def _commit(self, states: list[RunState], files: dict[str, bytes]) -> None:
         """Write ``files`` (paths inside the root's filesystem) and these states, in concurrent

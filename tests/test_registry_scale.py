@@ -305,6 +305,11 @@ def test_a_warm_ls_reads_the_change_journal_and_a_full_listing_finds_what_it_mis
     # A new run of a grid, written in one batch record, shows too.
     Registry(root)._commit([RunState(experiment="grid", run_id=f"n{i}") for i in range(2)], {})
     assert len(watcher.runs("grid")) == 7
+    # So does a submit of a single run, whose state is in its pack only (an evaluation started
+    # when its pre-training run completed): its record carries the state, as a grid's does.
+    runs, profile, steps = grid(1)
+    Registry(root).create_many(runs, profile, steps)
+    assert [s.status for s in watcher.runs("grid") if s.run_id == runs[0].run_id] == ["pending"]
 
     # A change whose record was never written (its writer killed after the mirror) stays unseen by
     # the journal, until the full listing a reader makes every FULL_LISTING_S.
