@@ -363,10 +363,10 @@ class Registry:
         for tmp, path in renames:
             os.replace(tmp, path)
 
-    def _unpacked(self, key: str, packed_state: bytes | None = None) -> dict[str, bytes]:
-        """The immutable files of a run whose state was read from its pack (``packed_state``, or
-        as ``_run_file`` noted), to write with its first state write; otherwise none."""
-        if packed_state is None and key not in self._from_pack:
+    def _unpacked(self, key: str) -> dict[str, bytes]:
+        """The immutable files of a run whose state was read from its pack (``_from_pack``), to
+        write with its first state write; otherwise none."""
+        if key not in self._from_pack:
             return {}
         self._from_pack.discard(key)
         experiment, run_id = key.split("/", 1)
@@ -497,7 +497,8 @@ class Registry:
             else:
                 blob = blobs.get(f"{folder}/state.json")
                 if blob is None and (blob := self._packed_file(experiment, run_id, "state.json")) is not None:
-                    files.update(self._unpacked(key, blob))
+                    self._from_pack.add(key)
+                    files.update(self._unpacked(key))
                 # Without a state anywhere, ``state`` says the run is not in the registry.
                 state = RunState.model_validate_json(blob) if blob else self.state(experiment, run_id)
                 events = (blobs.get(f"{folder}/events.jsonl")
