@@ -7,9 +7,8 @@ it times, each time into a fresh experiment:
 - what `maestro submit` writes to the registry: ``expand``, then in one ``Registry.creating``
   block what a backend records as it hands the grid over (the SLURM backend: each run's spec,
   its state queued with its job id, a "submitted" event) through ``Registry.specs`` and
-  ``Registry.update_many``, so the new runs are written once: each in its own folder on local
-  disk, all in one pack on S3. The scheduler call itself (one sbatch of a held array) is not
-  timed;
+  ``Registry.update_many``, so the new runs are written once, all in one pack. The scheduler
+  call itself (one sbatch of a held array) is not timed;
 - the sequential path these replaced, kept here only as the baseline: per run, an existence
   check, then spec.yaml, cluster.yaml, state.json and its listing mirror, and the "created" event
   appended to events.jsonl, each a write of its own, one after another; a re-read of each new

@@ -4,7 +4,6 @@ request count per run stays constant, counted at the S3 client."""
 from __future__ import annotations
 
 import gc
-import json
 import threading
 import time
 from collections import Counter
@@ -109,10 +108,44 @@ def test_submit_of_a_grid_writes_one_pack_whatever_its_size(s3_bucket: str, requ
     assert "put_object" not in requests.calls and requests.calls["get_object"] == 1
 
 
-def test_a_packed_run_s_first_writes_put_its_whole_files_in_its_folder(s3_bucket: str) -> None:
+def test_a_local_submit_writes_one_pack_and_lists_what_it_holds(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    root = str(tmp_path / "registry")
+    runs, profile, steps = grid(40)
+    Registry(root).create_many(runs, profile, steps)
+    # The pack and its run ids: two files for the grid, no run folder, no mirror.
+    written = sorted(p.relative_to(tmp_path / "registry" / "grid").parts[0] for p in (tmp_path / "registry").rglob("*")
+                     if p.is_file())
+    assert written == [PACKS, PACKS]
+    reader = Registry(root)
+    assert {s.run_id: (s.status, s.total_steps) for s in reader.runs("grid")} == \
+        {r: ("pending", n) for r, n in steps.items()}
+    assert reader.spec("grid", runs[5].run_id) == runs[5].spec
+    assert Registry(root).create_many(runs, profile, steps) == []
+    assert len([p for p in (tmp_path / "registry").rglob("*") if p.is_file()]) == 2
+
+    # Once every run has been written, a listing reads only the pack's run ids, not the pack.
+    writer = Registry(root)
+    writer.update_many({f"grid/{r.run_id}": {"status": "queued"} for r in runs[:-1]}, "submitted", {})
+    listed = Registry(root)
+    read: list[list[str]] = []
+    real = Registry._read_packs
+    monkeypatch.setattr(Registry, "_read_packs", lambda self, paths: (read.append(paths), real(self, paths))[1])
+    assert {s.run_id: s.status for s in listed.runs("grid")} == \
+        {**{r.run_id: "queued" for r in runs[:-1]}, runs[-1].run_id: "pending"}
+    assert [len(paths) for paths in read] == [0, 1]  # the run ids of the pack; then the pack, for the one left
+    writer.update("grid", runs[-1].run_id, status="queued")
+    read.clear()
+    assert {s.status for s in Registry(root).runs("grid")} == {"queued"}
+    assert all(paths == [] for paths in read)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_packed_run_s_first_writes_put_its_whole_files_in_its_folder(tmp_path: Path, request: pytest.FixtureRequest,
+                                                                        where: str) -> None:
     # A run's state and events, once written, are read from its folder: its pack is never
     # rewritten, and what it holds stays the start of the run's event log.
-    root = f"{s3_bucket}/registry"
+    root = str(tmp_path / "registry") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/registry"
     runs, profile, steps = grid(3)
     Registry(root).create_many(runs, profile, steps)
     first, second = runs[0].run_id, runs[1].run_id
@@ -233,20 +266,27 @@ def test_runs_a_backend_did_not_record_are_created_pending(tmp_path: Path) -> No
         [(r.run_id, "queued" if i < 2 else "pending") for i, r in enumerate(runs)]
     assert [e["event"] for e in reader.events("grid", runs[3].run_id)] == ["created"]
     assert [e["event"] for e in reader.events("grid", runs[0].run_id)] == ["created", "submitted"]
-    # Nothing is left to write twice, and submitting again creates nothing.
+    # Nothing is left to write twice, and submitting again creates nothing: the packs (one for the
+    # runs recorded, one for the rest) hold all four, and no run has a folder.
     assert registry.create_many(runs, profile, steps) == []
-    assert len(list((tmp_path / "registry" / "grid" / runs[0].run_id).iterdir())) == 4
+    assert [p.name for p in (tmp_path / "registry" / "grid").iterdir()] == [PACKS]
 
 
-def test_submit_cut_short_is_completed_by_the_next(tmp_path: Path) -> None:
-    # A run counts as created once its listing mirror exists, which is written last.
-    registry = Registry(str(tmp_path / "registry"))
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_submit_cut_short_before_its_run_ids_creates_nothing_twice(tmp_path: Path, request: pytest.FixtureRequest,
+                                                                     where: str) -> None:
+    # The pack makes its runs exist; the list of run ids beside it only spares the next submit
+    # reading the pack. A submit killed between the two leaves runs that the next one finds.
+    root = str(tmp_path / "registry") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/registry"
     runs, profile, steps = grid(3)
-    registry.create_many(runs, profile, steps)
-    storage.remove(storage.join(registry.root, "grid", STATES, f"{runs[1].run_id}.json"))
-    assert [s.run_id for s in registry.create_many(runs, profile, steps)] == [runs[1].run_id]
-    assert len(registry.runs("grid")) == 3
-    assert [e["event"] for e in registry.events("grid", runs[1].run_id)] == ["created"]
+    Registry(root).create_many(runs, profile, steps)
+    fs, base = storage.filesystem(root)
+    [ids] = [p for p in fs.ls(f"{base}/grid/{PACKS}") if p.endswith(".ids")]
+    fs.rm(ids)
+    assert Registry(root).create_many(runs, profile, steps) == []
+    reader = Registry(root)
+    assert [s.run_id for s in reader.runs("grid")] == [r.run_id for r in runs]
+    assert [e["event"] for e in reader.events("grid", runs[1].run_id)] == ["created"]
 
 
 def test_ls_on_s3_fetches_changed_states_concurrently_without_a_head_each(s3_bucket: str,
@@ -548,23 +588,21 @@ def test_ls_fetches_live_progress_of_the_runs_that_started_last_and_says_so(
 def test_reader_never_sees_a_torn_file_while_a_grid_is_created(tmp_path: Path) -> None:
     registry = Registry(str(tmp_path / "registry"))
     runs, profile, steps = grid(150)
-    states_dir = tmp_path / "registry" / "grid" / STATES
     stop = threading.Event()
-    read: list[str] = []
+    seen: list[int] = []
     torn: list[str] = []
 
     def reader() -> None:
+        # The grid's pack is renamed into place whole, so another process sees none of the grid
+        # or all of it, each run with its spec.
         while not stop.is_set():
-            # A run's mirror is written last, so once it shows, every file of the run is whole.
-            for path in states_dir.glob("*.json") if states_dir.exists() else []:
-                run_dir = tmp_path / "registry" / "grid" / path.stem
-                try:
-                    for blob in (path.read_bytes(), (run_dir / "state.json").read_bytes()):
-                        json.loads(blob)
-                    [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-                    read.append(path.stem)
-                except (OSError, ValueError) as e:
-                    torn.append(f"{path}: {e!r}")
+            try:
+                states = Registry(registry.root).runs("grid")
+                if states:
+                    Registry(registry.root).spec("grid", states[-1].run_id)
+                seen.append(len(states))
+            except (OSError, ValueError, UserError) as e:
+                torn.append(repr(e))
 
     thread = threading.Thread(target=reader)
     thread.start()
@@ -575,4 +613,4 @@ def test_reader_never_sees_a_torn_file_while_a_grid_is_created(tmp_path: Path) -
         stop.set()
         thread.join()
     assert not torn
-    assert set(read) == set(steps)
+    assert set(seen) <= {0, len(steps)} and seen[-1] == len(steps)
