@@ -261,8 +261,8 @@ class Registry:
     @contextlib.contextmanager
     def creating(self, runs: list[PlannedRun], profile: Profile,
                  total_steps_by_run: dict[str, int]) -> Iterator[list[RunState]]:
-        """The states of the planned runs that are new (one listing per experiment, its listing
-        mirror, tells which exist), written when the block ends. A backend handed them inside the
+        """The states of the planned runs that are new (per experiment, the listing mirror and
+        the packs' run ids tell which exist), written when the block ends. A backend handed them inside the
         block records its job ids through ``update_many``, which writes each new run once with
         them instead of creating it and then rewriting its state and events: a submit of 1,000
         runs writes one pack per experiment, and reads none back. Whatever the block did not
@@ -296,8 +296,8 @@ class Registry:
 
     def _create(self, runs: list[tuple[RunState, dict[str, bytes]]]) -> None:
         """Write new runs, each state with its other files by name, in one pack per experiment,
-        then, on object stores, the journal's record. Local disk too: a 1,000-run grid is three
-        files, not 5,000, each fsync'd."""
+        then, on object stores, the journal's record: a 1,000-run grid is two files on local disk
+        (the pack and its run ids), not 5,000 fsync'd ones, and three PUTs on object stores."""
         fs, base = storage.filesystem(self.root)
         if not runs:
             return
