@@ -5,9 +5,21 @@ Listing every run's mirror (``.states/``) is one request per 1,000 runs, and its
 the client ~0.15 ms a key: at 100,000 runs, seconds of every `ls` and `watch` refresh spent on
 runs that did not change. So every state write, after its mirror, also writes a record:
 
-    <experiment>/.changes/<folder>/<ms>-<run_id>    one run's state changed (empty object)
-    <experiment>/.changes/<folder>/<ms>~<tag>       a batch (a grid's submit): each run's new state
-                                                     and its MD5 (older batches: a list of run ids)
+    <experiment>/.changes/<folder>/<ms>-<run_id>~<state>   one run's state changed (empty object)
+    <experiment>/.changes/<folder>/<ms>~<tag>              a batch (a grid's submit): each run's new
+                                                            state and its MD5 (older: run ids alone)
+
+A record carries the state it records, so a reader needs no GET of the mirror: a batch in its
+body, one run's record in its name (``<state>``: the mirror's bytes, deflated with a preset
+dictionary and base64url-encoded, ~270 characters), since a listing returns names and not
+bodies. 1,000 runners' writes are then one LIST page, not 1,000 GETs. A name that would pass
+``MAX_PATH`` goes without its state (``<ms>-<run_id>``, as all did before), and readers fetch it.
+
+Which of a run's writes is the newest is told by its state's ``seq``, not by the writers'
+clocks: each write numbers its state one past the state it was based on. A reader takes the
+highest only when no two writes it knows of share a number, i.e. no writer wrote from a state
+another had already replaced (a lost update, whose mirror may hold the lower number); otherwise
+it fetches the mirror, the one copy that is always the newest.
 
 ``ms`` is the writer's clock in milliseconds, 13 digits, so names sort by time; ``folder`` is
 ``ms // FOLDER_MS``, so a reader lists only the few newest folders and old ones are deleted whole.
@@ -21,10 +33,12 @@ that readers make every ``FULL_LISTING_S``, which also deletes folders older tha
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
 import uuid
+import zlib
 from typing import Any, NamedTuple
 
 from fsspec import AbstractFileSystem
@@ -44,6 +58,24 @@ FULL_LISTING_S = 3600.0
 # Records kept: far longer than an index may go without a full listing, so none is deleted
 # while a reader whose cursor predates it still relies on the journal.
 KEEP_MS = 6 * 3600 * 1000
+# The longest record path (with its bucket) that carries its state in its name: S3, GCS and Azure
+# keys are at most 1,024 bytes.
+MAX_PATH = 1024
+# Cursor entries of records whose names are longer are kept as a hash: a state in a name would
+# otherwise put ~300 bytes per recent record in every index.
+MARK_CHARS = 128
+# Deflate's preset dictionary for states in names, version "1" (the name's first character):
+# the bytes a state most often repeats. Fixed for good; another would need another version.
+_STATE_DICT = (b'"pretrain","linprobe","finetune","local","slurm","ray","pending","queued","running",'
+               b'"cancelling","preempted","requeued","completed","failed","cancelled",{"experiment":"",'
+               b'"run_id":"","swept":{},"job":"pretrain","evaluates":null,"status":"running","backend":"local",'
+               b'"devices":1,"attempts":1,"attempt_started":null,"job_ids":[],"step":0,"total_steps":0,'
+               b'"loss":null,"img_s":null,"last_checkpoint_step":null,"preemptions":0,"timeouts":0,'
+               b'"failures":0,"message":null,"created":17,"started":null,"updated":17,"ended":null,'
+               b'"host":null,"pid":null,"heartbeat":null,"hang_timeout_s":null,"flush_s":null,'
+               b'"goodput":{"allocated_s":0.0,"productive_s":0.0,"lost_s":0.0,"overhead_s":0.0,'
+               b'"checkpoint_s":0.0},"seq":1}')
+_STATE_VERSION = "1"
 
 
 class Cursor(BaseModel):
@@ -53,11 +85,43 @@ class Cursor(BaseModel):
 
 
 class Carried(NamedTuple):
-    """A run's state as a batch record carries it, and the MD5 of the mirror written with it,
-    which is that mirror's ETag on S3 for as long as nobody rewrote it."""
+    """A run's state as a record carries it; the MD5 of the mirror written with it, which is that
+    mirror's ETag on S3 for as long as nobody rewrote it; and the state's write number."""
 
     state: dict[str, Any]
     md5: str
+    seq: int
+
+
+def _in_name(state: bytes) -> str:
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=_STATE_DICT)
+    return _STATE_VERSION + base64.urlsafe_b64encode(deflate.compress(state) + deflate.flush()).decode().rstrip("=")
+
+
+def _from_name(name: str) -> tuple[str, Carried | None]:
+    """The run a one-run record names, and the state its name carries (None: it carries none, or
+    one this reader cannot decode, which the reader then fetches)."""
+    run_id, _, packed = name[14:].partition("~")
+    if not packed.startswith(_STATE_VERSION):
+        return run_id, None
+    try:
+        inflate = zlib.decompressobj(-15, zdict=_STATE_DICT)
+        blob = inflate.decompress(base64.urlsafe_b64decode(packed[1:] + "=" * (-len(packed[1:]) % 4)))
+        state = json.loads(blob)
+    except (ValueError, zlib.error):  # binascii.Error and JSON errors are ValueErrors
+        return run_id, None
+    return run_id, Carried(state, hashlib.md5(blob).hexdigest(), state.get("seq", 0))
+
+
+def newest(writes: list[Carried], after: int | None) -> dict[str, Any] | None:
+    """The newest of a run's writes that records carry, for a reader whose copy of the run has
+    write number ``after`` (None: it has none): the highest numbered, unless two of these writes,
+    or one of them and the reader's copy, share a number. Then some writer wrote from a state
+    another had replaced already, and only the mirror tells which write landed last: None."""
+    seqs = [w.seq for w in writes]
+    if len(set(seqs)) < len(seqs) or (after is not None and min(seqs) <= after):
+        return None
+    return max(writes, key=lambda w: w.seq).state
 
 
 def record_files(experiment_path: str, states: dict[str, bytes], carry: bool = False) -> dict[str, bytes]:
@@ -68,27 +132,40 @@ def record_files(experiment_path: str, states: dict[str, bytes], carry: bool = F
     ms = int(time.time() * 1000)
     folder = f"{experiment_path}/{CHANGES}/{ms // FOLDER_MS}"
     if len(states) == 1 and not carry:
-        return {f"{folder}/{ms:013d}-{next(iter(states))}": b""}
+        [(run_id, state)] = states.items()
+        path = f"{folder}/{ms:013d}-{run_id}"
+        carried = f"{path}~{_in_name(state)}"
+        return {carried if len(carried.encode()) <= MAX_PATH else path: b""}
     # Each state's bytes go in as they are: the MD5 is of exactly those.
     body = b",".join(json.dumps(run_id).encode() + b':{"md5":"' + hashlib.md5(state).hexdigest().encode()
                      + b'","state":' + state + b"}" for run_id, state in states.items())
     return {f"{folder}/{ms:013d}~{uuid.uuid4().hex[:12]}": b'{"batch":{' + body + b"}}"}
 
 
-def read_batches(fs: AbstractFileSystem, paths: list[str]) -> tuple[set[str], dict[str, Carried]]:
-    """What batch records (oldest first) say: the runs that older ones name, and the states that
-    newer ones carry, a later record's over an earlier one's. One GET each."""
-    blobs = fs.cat(paths, on_error="omit") if paths else {}
+def read(fs: AbstractFileSystem, paths: list[str]) -> tuple[set[str], dict[str, list[Carried]]]:
+    """What records (paths, oldest first) say: the runs named without a state (by a name too long
+    to carry it, or by an older batch), and each other run's writes as carried, oldest first. One
+    GET per batch record; a one-run record's state is in its name."""
+    batches = [p for p in paths if p.rsplit("/", 1)[-1][13] == "~"]
+    blobs = fs.cat(batches, on_error="omit") if batches else {}
     named: set[str] = set()
-    carried: dict[str, Carried] = {}
+    carried: dict[str, list[Carried]] = {}
     for path in paths:
-        if path not in blobs:
-            continue
-        record = json.loads(blobs[path])
-        if isinstance(record, list):
-            named.update(record)
-        else:
-            carried.update({run_id: Carried(**entry) for run_id, entry in record["batch"].items()})
+        name = path.rsplit("/", 1)[-1]
+        if name[13] == "-":
+            run_id, write = _from_name(name)
+            if write is None:
+                named.add(run_id)
+            else:
+                carried.setdefault(run_id, []).append(write)
+        elif path in blobs:
+            record = json.loads(blobs[path])
+            if isinstance(record, list):
+                named.update(record)
+                continue
+            for run_id, entry in record["batch"].items():
+                carried.setdefault(run_id, []).append(Carried(entry["state"], entry["md5"],
+                                                              entry["state"].get("seq", 0)))
     return named, carried
 
 
@@ -108,15 +185,22 @@ def _records(fs: AbstractFileSystem, folders: list[str]) -> dict[str, str]:
             if e["type"] == "file" and len(name := e["name"].rsplit("/", 1)[-1]) > 14 and name[:13].isdigit()}
 
 
+def _mark(name: str) -> str:
+    """How a cursor remembers a record it applied: its name, or a hash of a long one."""
+    if len(name) <= MARK_CHARS:
+        return name
+    return f"{name[:13]}#{hashlib.blake2b(name.encode(), digest_size=12).hexdigest()}"
+
+
 def _cursor(newest: int, names: list[str], listed: float) -> Cursor:
-    return Cursor(ms=newest, seen=sorted(n for n in names if _ms(n) > newest - MARGIN_MS), listed=listed)
+    return Cursor(ms=newest, seen=sorted(_mark(n) for n in names if _ms(n) > newest - MARGIN_MS), listed=listed)
 
 
 def start(fs: AbstractFileSystem, experiment_path: str) -> tuple[Cursor, list[str]]:
     """The cursor for a full listing of the mirror that follows this call: every record there is
-    now is applied by that listing. Also the recent batch records (oldest first), whose carried
-    states spare that listing's reader a GET for each state they still match. Deletes folders
-    older than ``KEEP_MS``."""
+    now is applied by that listing. Also the recent records (oldest first), whose carried states
+    spare that listing's reader a GET for each state they still match. Deletes folders older
+    than ``KEEP_MS``."""
     now = time.time()
     entries = fresh_listing(fs, f"{experiment_path}/{CHANGES}")
     if not any(e["name"].rsplit("/", 1)[-1] == ANCHOR for e in entries):
@@ -134,21 +218,18 @@ def start(fs: AbstractFileSystem, experiment_path: str) -> tuple[Cursor, list[st
         found = _records(fs, [folders[f]])
         records.update(found)
         newest = max([newest, *map(_ms, found)])
-    batches = [records[name] for name in sorted(records) if name[13] == "~"]
-    return _cursor(newest or int(now * 1000), list(records), now), batches
+    return _cursor(newest or int(now * 1000), list(records), now), [records[name] for name in sorted(records)]
 
 
 def changes(fs: AbstractFileSystem, experiment_path: str,
-            cursor: Cursor) -> tuple[set[str], dict[str, Carried], Cursor]:
-    """Since ``cursor``: the runs named alone (or by older batch records), the states that batches
-    carry, and the cursor past them; from a listing of the journal's folder names and of the
-    newest folders, plus one GET per batch record."""
+            cursor: Cursor) -> tuple[set[str], dict[str, list[Carried]], Cursor]:
+    """Since ``cursor``: what the new records say (``read``), and the cursor past them; from a
+    listing of the journal's folder names and of the newest folders, plus one GET per batch."""
     since = cursor.ms - MARGIN_MS
     folders = _folders(fresh_listing(fs, f"{experiment_path}/{CHANGES}"))
     records = _records(fs, [path for f, path in sorted(folders.items()) if (f + 1) * FOLDER_MS > since])
     seen = set(cursor.seen)
-    new = sorted(name for name in records if _ms(name) > since and name not in seen)
-    named, carried = read_batches(fs, [records[name] for name in new if name[13] == "~"])
-    named.update(name[14:] for name in new if name[13] == "-")
+    new = sorted(name for name in records if _ms(name) > since and _mark(name) not in seen)
+    named, carried = read(fs, [records[name] for name in new])
     newest = max([cursor.ms, *map(_ms, records)])
     return named, carried, _cursor(newest, list(records), cursor.listed)

@@ -119,6 +119,8 @@ class RunState(BaseModel):
     hang_timeout_s: float | None = Field(default=None, description="no new step for this long: hung")
     flush_s: float | None = Field(default=None, description="the trainer's heartbeat interval (spec metrics.flush_s)")
     goodput: Goodput = Field(default_factory=Goodput, description="summed over the attempts that ended")
+    seq: int = Field(default=0, description="this state's write number: one past the state it was written from. "
+                                            "Readers order a run's writes by it, not by writers' clocks (journal)")
 
     @property
     def hung(self) -> bool:
@@ -334,6 +336,7 @@ class Registry:
         by_experiment: dict[str, dict[str, bytes]] = {}
         for state in states:
             state.updated = time.time()
+            state.seq += 1
             data = state.model_dump_json().encode()
             files[f"{base}/{state.key}/state.json"] = data
             mirrors[f"{base}/{state.experiment}/{STATES}/{state.run_id}.json"] = data
@@ -588,18 +591,19 @@ class Registry:
         packs = index.packs
         if index.cursor is not None and time.time() - index.cursor.listed < journal.FULL_LISTING_S:
             changed, carried, cursor = journal.changes(fs, base, index.cursor)
-            # A run first met in a batch (a grid just submitted) takes the state the batch
-            # carries: no GET each. Any other is fetched, since its mirror may hold a later write
-            # than the batch's copy, by a runner whose clock is behind the submitter's.
-            for run_id, entry in carried.items():
-                if run_id not in runs and run_id not in changed:
-                    runs[run_id] = _Entry(state=RunState.model_validate(entry.state))
-                else:
+            # A run's newest write, as its record carries it, needs no GET of its mirror, unless
+            # its write numbers say a writer wrote from a replaced state (``journal.newest``).
+            for run_id, writes in carried.items():
+                known = runs.get(run_id)
+                state = None if run_id in changed else journal.newest(writes, known.state.seq if known else None)
+                if state is None:
                     changed.add(run_id)
+                else:
+                    runs[run_id] = _Entry(state=RunState.model_validate(state))
             fetched = self._get_many([f"{base}/{STATES}/{r}.json" for r in sorted(changed)])
             versions = None
         else:
-            cursor, batches = journal.start(fs, base)  # before the listing: what it misses, the journal names
+            cursor, records = journal.start(fs, base)  # before the listing: what it misses, the journal names
             versions = self._versions(experiment)
             # A run with no mirror yet has the state its pack holds, which is never rewritten: the
             # index keeps it, and only packs it has not applied yet are read.
@@ -610,13 +614,14 @@ class Registry:
                     runs[run_id] = _Entry(version=PACKED, state=RunState.model_validate_json(files["state.json"]))
             versions.update({r: PACKED for r, entry in runs.items() if entry.version == PACKED and r not in versions})
             stale = [r for r in versions if r not in runs or runs[r].version != versions[r]]
-            # A state a recent batch carries is the mirror's own while the mirror's ETag is its
-            # MD5 (S3's ETag of a plain PUT): a new grid's first listing needs no GET per run.
-            _, carried = journal.read_batches(fs, batches) if stale else (set(), {})
+            # A state a recent record carries is the mirror's own while the mirror's ETag is its
+            # MD5 (S3's ETag of a plain PUT): the first listing of a new grid, or of states that
+            # runners wrote, needs no GET per run.
+            _, carried = journal.read(fs, records) if stale else (set(), {})
             for run_id in stale:
-                entry = carried.get(run_id)
-                if entry is not None and versions[run_id].strip('"') == entry.md5:
-                    runs[run_id] = _Entry(version=versions[run_id], state=RunState.model_validate(entry.state))
+                for write in carried.get(run_id, []):
+                    if versions[run_id].strip('"') == write.md5:
+                        runs[run_id] = _Entry(version=versions[run_id], state=RunState.model_validate(write.state))
             fetched = self._get_many([f"{base}/{STATES}/{r}.json" for r in stale
                                       if runs.get(r) is None or runs[r].version != versions[r]])
         for path, blob in fetched.items():

@@ -4,6 +4,7 @@ request count per run stays constant, counted at the S3 client."""
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 from collections import Counter
@@ -293,8 +294,10 @@ def test_ls_on_s3_fetches_changed_states_concurrently_without_a_head_each(s3_buc
                                                                            requests: Requests) -> None:
     root = f"{s3_bucket}/registry"
     writer = Registry(root)
+    # States too long for their records' names to carry them (a failure's long message): a reader
+    # fetches each from its mirror.
     for i in range(30):
-        writer.write_state(RunState(experiment="grid", run_id=f"r{i:02d}", step=i))
+        writer.write_state(RunState(experiment="grid", run_id=f"r{i:02d}", step=i, message=os.urandom(800).hex()))
     requests.reset()
     assert [s.step for s in Registry(root).runs("grid")] == list(range(30))
     # 30 states and the (absent) index: one GET each, several in flight, no HEAD; listings of
@@ -439,6 +442,76 @@ def test_the_first_ls_of_a_new_grid_reads_its_pack_then_batches_while_they_match
         requests.reset()
         assert len(Registry(root).runs("grid")) == 40
     assert any(".states" in p for p in requests.listed) and requests.calls["get_object"] == 1
+
+
+def test_runners_writes_are_read_from_their_records_names_in_the_order_of_their_write_numbers(
+        s3_bucket: str, requests: Requests) -> None:
+    root = f"{s3_bucket}/registry"
+    writer = Registry(root)
+    for i in range(20):
+        writer.write_state(RunState(experiment="grid", run_id=f"r{i:02d}", status="running", step=i))
+
+    # A reader without an index lists the mirror, and takes each state from its record's name
+    # while the mirror's ETag is that state's MD5: only the (absent) index is fetched.
+    written = {f"r{i:02d}": writer.state("grid", f"r{i:02d}") for i in range(20)}
+    requests.reset()
+    assert {s.run_id: s for s in Registry(root).runs("grid")} == written
+    assert requests.calls["get_object"] == 1
+
+    # A warm reader (`watch`) after every runner wrote again: no GET at all.
+    watcher = Registry(root)
+    watcher.runs("grid")
+    written = {f"r{i:02d}": writer.update("grid", f"r{i:02d}", step=100 + i) for i in range(20)}
+    requests.reset()
+    assert {s.run_id: s for s in watcher.runs("grid")} == written
+    assert "get_object" not in requests.calls
+
+    # A run's later write, by a writer whose clock is a minute behind, sorts first by name: its
+    # write number says it is the newer, and it is taken without a GET.
+    writer.update("grid", "r01", step=1000)
+    behind = time.time() - 60
+    with pytest.MonkeyPatch.context() as clock:
+        clock.setattr(journal.time, "time", lambda: behind)
+        writer.update("grid", "r01", step=1001)
+    requests.reset()
+    assert [s.step for s in watcher.runs("grid") if s.run_id == "r01"] == [1001]
+    assert "get_object" not in requests.calls
+
+    # Lost updates: a writer that wrote from a state another had replaced numbers its write like
+    # that one, and its write landed last. The highest number (2000) is not the mirror's state:
+    # the reader fetches the mirror, in the same refresh and in a later one.
+    for run_id, known in (("r02", False), ("r03", True)):
+        based = writer.state("grid", run_id)
+        writer.write_state(based.model_copy(update={"step": 1999}))
+        writer.update("grid", run_id, step=2000)
+        if known:
+            assert [s.step for s in watcher.runs("grid") if s.run_id == run_id] == [2000]
+        writer.write_state(based.model_copy(update={"step": 3000}))
+        requests.reset()
+        assert [s.step for s in watcher.runs("grid") if s.run_id == run_id] == [3000]
+        assert requests.calls["get_object"] == 1
+
+    # A record whose name carries what this reader cannot decode is fetched.
+    state = writer.update("grid", "r04", step=4000)
+    fs, base = storage.filesystem(root)
+    ms = int(time.time() * 1000)
+    storage.write_bytes(storage.join(root, "grid", STATES, "r04.json"),
+                        state.model_copy(update={"step": 4001, "seq": state.seq + 1}).model_dump_json().encode())
+    fs.pipe({f"{base}/grid/{journal.CHANGES}/{ms // journal.FOLDER_MS}/{ms:013d}-r04~1notdeflate": b""})
+    requests.reset()
+    assert [s.step for s in watcher.runs("grid") if s.run_id == "r04"] == [4001]
+    assert requests.calls["get_object"] == 1
+
+
+def test_a_state_too_long_for_a_name_goes_in_a_record_without_it(s3_bucket: str) -> None:
+    root = f"{s3_bucket}/registry"
+    _, base = storage.filesystem(root)
+    short = RunState(experiment="grid", run_id="r0", seq=1).model_dump_json().encode()
+    long = RunState(experiment="grid", run_id="r0", seq=1, message=os.urandom(800).hex()).model_dump_json().encode()
+    [carrying] = journal.record_files(f"{base}/grid", {"r0": short})
+    [plain] = journal.record_files(f"{base}/grid", {"r0": long})
+    assert len(carrying.encode()) <= journal.MAX_PATH and "~" in carrying.rsplit("/", 1)[-1]
+    assert plain.rsplit("/", 1)[-1].endswith("-r0")
 
 
 def test_a_batch_record_of_run_ids_alone_still_names_its_runs(s3_bucket: str) -> None:
