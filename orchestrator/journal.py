@@ -113,7 +113,7 @@ def _from_name(name: str) -> tuple[str, Carried | None]:
     return run_id, Carried(state, hashlib.md5(blob).hexdigest(), state.get("seq", 0))
 
 
-def newest(writes: list[Carried], after: int | None) -> dict[str, Any] | None:
+def newest(writes: list[Carried], after: int | None) -> Carried | None:
     """The newest of a run's writes that records carry, for a reader whose copy of the run has
     write number ``after`` (None: it has none): the highest numbered, unless two of these writes,
     or one of them and the reader's copy, share a number. Then some writer wrote from a state
@@ -121,7 +121,7 @@ def newest(writes: list[Carried], after: int | None) -> dict[str, Any] | None:
     seqs = [w.seq for w in writes]
     if len(set(seqs)) < len(seqs) or (after is not None and min(seqs) <= after):
         return None
-    return max(writes, key=lambda w: w.seq).state
+    return max(writes, key=lambda w: w.seq)
 
 
 def record_files(experiment_path: str, states: dict[str, bytes], carry: bool = False) -> dict[str, bytes]:

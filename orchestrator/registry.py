@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import re
@@ -137,7 +138,8 @@ class RunState(BaseModel):
 
 
 class _Entry(BaseModel):
-    version: str | None = Field(default=None, description="the mirror's version when read; None: from the journal")
+    version: str | None = Field(default=None, description="the mirror's version when read (from the journal: "
+                                                         "the ETag a plain PUT of it gets)")
     state: RunState
 
 
@@ -173,6 +175,13 @@ def collector_paused() -> Iterator[None]:
 def _version(entry: dict[str, Any]) -> str:
     """What changes whenever an object is rewritten: the ETag on object stores."""
     return str(entry.get("ETag") or entry.get("etag") or f"{entry.get('mtime')}:{entry.get('size')}")
+
+
+def _etag(md5: str) -> str:
+    """The version a listing of S3 gives an object written by one plain PUT: its quoted MD5. An
+    index keeps it for states read from the journal, so the hourly full listing does not fetch
+    them again; on a store whose versions differ, that listing only fetches them."""
+    return f'"{md5}"'
 
 
 def _name(path: str) -> str:
@@ -599,7 +608,7 @@ class Registry:
                 if state is None:
                     changed.add(run_id)
                 else:
-                    runs[run_id] = _Entry(state=RunState.model_validate(state))
+                    runs[run_id] = _Entry(version=_etag(state.md5), state=RunState.model_validate(state.state))
             fetched = self._get_many([f"{base}/{STATES}/{r}.json" for r in sorted(changed)])
             versions = None
         else:
@@ -620,13 +629,13 @@ class Registry:
             _, carried = journal.read(fs, records) if stale else (set(), {})
             for run_id in stale:
                 for write in carried.get(run_id, []):
-                    if versions[run_id].strip('"') == write.md5:
+                    if versions[run_id] == _etag(write.md5):
                         runs[run_id] = _Entry(version=versions[run_id], state=RunState.model_validate(write.state))
             fetched = self._get_many([f"{base}/{STATES}/{r}.json" for r in stale
                                       if runs.get(r) is None or runs[r].version != versions[r]])
         for path, blob in fetched.items():
             run_id = path.rsplit("/", 1)[-1].removesuffix(".json")
-            runs[run_id] = _Entry(version=versions[run_id] if versions else None,
+            runs[run_id] = _Entry(version=versions[run_id] if versions else _etag(hashlib.md5(blob).hexdigest()),
                                   state=RunState.model_validate_json(blob))
         if versions is not None:
             runs = {r: runs[r] for r in versions if r in runs}  # runs whose mirror is gone are gone

@@ -502,6 +502,16 @@ def test_runners_writes_are_read_from_their_records_names_in_the_order_of_their_
     assert [s.step for s in watcher.runs("grid") if s.run_id == "r04"] == [4001]
     assert requests.calls["get_object"] == 1
 
+    # The hourly full listing finds every state this reader took from the journal, or fetched
+    # since, as the mirror now holds it: the index kept their ETags, and no state is fetched, even
+    # when no recent record still carries it (an hour on, the newest records are others').
+    fs.rm(f"{base}/grid/{journal.CHANGES}", recursive=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(journal, "FULL_LISTING_S", 0.0)
+        requests.reset()
+        assert len(watcher.runs("grid")) == 20
+    assert any(".states" in p for p in requests.listed) and "get_object" not in requests.calls
+
 
 def test_a_state_too_long_for_a_name_goes_in_a_record_without_it(s3_bucket: str) -> None:
     root = f"{s3_bucket}/registry"
