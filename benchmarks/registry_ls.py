@@ -14,7 +14,9 @@ each it times:
 - the same command on a registry holding 1 run: the fixed cost of the command, so
   (ls(N) - ls(1)) / N is the cost per run, on this machine, in this run;
 - ``Registry(root).runs()`` in-process, warm (what `maestro watch` pays per refresh);
-- up to ``--naive-max`` runs, the naive read it replaces, one ``fs.cat_file`` per state.json in turn.
+- up to ``--naive-max`` runs, the naive read it replaces, one ``fs.cat_file`` per state.json in turn;
+- on S3, the first `ls` after 1,000 runners' writes: just after them, and after an hour away
+  (written two hours ago, the index's hourly full listing due); and after a grid's submit.
 
 Above ``--cold-max`` runs, a cold `ls` on moto would take minutes (each GET costs ~8 ms of CPU on
 the two ends), so there the S3 registry starts with the experiment index that a first `ls` leaves,
@@ -27,6 +29,7 @@ and only warm `ls` is timed; the script checks that it then fetches no state. Re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import random
 import statistics
@@ -37,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 from common import OtherLoad, counted_requests, start_moto
 from registry_submit import PROFILE, grid_spec, submit_batched
@@ -154,16 +158,27 @@ def run_command(cmd: list[str], expect_rows: int | None = None) -> None:
             raise RuntimeError(f"{' '.join(cmd)} listed {rows} runs, expected {expect_rows}")
 
 
-def change_states(root: str, count: int) -> int:
+def change_states(root: str, count: int, clock: float | None = None) -> int:
     """Rewrite ``count`` states of the registry (their step advanced), each as ``write_state``
-    writes it, 32 at a time; returns how many."""
+    writes it, 32 at a time, at ``clock`` (a time.time(); now when None); returns how many."""
     registry = Registry(root)
     states = registry.runs()[:count]
     for state in states:
         state.step += 1
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(registry.write_state, states))
+    with mock.patch("time.time", lambda: clock) if clock is not None else contextlib.nullcontext():
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(registry.write_state, states))
     return len(states)
+
+
+def age_indexes(root: str, seconds: float) -> None:
+    """Backdate each experiment index's last full listing, so the next reader makes one."""
+    for exp in Registry(root).experiments():
+        path = storage.join(root, exp, INDEX)
+        index = _Index.model_validate_json(storage.read_bytes(path))
+        assert index.cursor is not None
+        index.cursor.listed -= seconds
+        storage.write_bytes(path, index.dump())
 
 
 def naive_read(root: str) -> int:
@@ -227,6 +242,14 @@ def measure(kind: str, base: str, sizes: list[int], repeats: int, naive_max: int
             changed = change_states(root, CHANGED)
             after = timed(lambda root=root, runs=runs: ls(root, runs), 1)
             yield (kind, runs, f"maestro ls, first after {changed:,} changed states", after,
+                   per_run(after, runs) + (f"; target ≤ {target:.0f} s: {'PASS' if after[0] <= target else 'FAIL'}"
+                                           if target else ""))
+            # The first `ls` after an hour away, when the index's hourly full listing is due:
+            # 1,000 states that runners wrote two hours ago, their records in older folders.
+            changed = change_states(root, CHANGED, clock=time.time() - 2 * 3600)
+            age_indexes(root, 3 * 3600)
+            after = timed(lambda root=root, runs=runs: ls(root, runs), 1)
+            yield (kind, runs, f"maestro ls, first after an hour away, {changed:,} states changed 2 h ago", after,
                    per_run(after, runs) + (f"; target ≤ {target:.0f} s: {'PASS' if after[0] <= target else 'FAIL'}"
                                            if target else ""))
         if runs <= naive_max:

@@ -29,6 +29,9 @@ minus that margin, which covers writers' clocks that disagree and records that l
 skips those it applied. A record that is never written (a writer killed between its mirror and
 its record) or that lands more than the margin late is found by the full listing of the mirror
 that readers make every ``FULL_LISTING_S``, which also deletes folders older than ``KEEP_MS``.
+That listing takes a changed state from a record carrying exactly the mirror's bytes (its MD5 is
+the listed ETag), from the newest folders and, while that costs less than the GETs it spares,
+from older ones: the first `ls` after hours away costs listings, not a GET per run.
 """
 
 from __future__ import annotations
@@ -196,11 +199,12 @@ def _cursor(newest: int, names: list[str], listed: float) -> Cursor:
     return Cursor(ms=newest, seen=sorted(_mark(n) for n in names if _ms(n) > newest - MARGIN_MS), listed=listed)
 
 
-def start(fs: AbstractFileSystem, experiment_path: str) -> tuple[Cursor, list[str]]:
+def start(fs: AbstractFileSystem, experiment_path: str) -> tuple[Cursor, list[str], list[str]]:
     """The cursor for a full listing of the mirror that follows this call: every record there is
     now is applied by that listing. Also the recent records (oldest first), whose carried states
-    spare that listing's reader a GET for each state they still match. Deletes folders older
-    than ``KEEP_MS``."""
+    spare that listing's reader a GET for each state they still match, and the other kept
+    folders (newest first), for ``read_folder`` when those leave many states to fetch. Deletes
+    folders older than ``KEEP_MS``."""
     now = time.time()
     entries = fresh_listing(fs, f"{experiment_path}/{CHANGES}")
     if not any(e["name"].rsplit("/", 1)[-1] == ANCHOR for e in entries):
@@ -209,16 +213,23 @@ def start(fs: AbstractFileSystem, experiment_path: str) -> tuple[Cursor, list[st
     old = {f for f in folders if (f + 1) * FOLDER_MS < now * 1000 - KEEP_MS}
     if old:
         fs.rm([folders[f] for f in old], recursive=True)
-    recent = sorted(folders.keys() - old, reverse=True)
+    kept = sorted(folders.keys() - old, reverse=True)
     records: dict[str, str] = {}
-    newest = 0
-    for f in recent:  # newest first, until a folder ends before the margin of the newest record
+    newest, read = 0, 0
+    for f in kept:  # newest first, until a folder ends before the margin of the newest record
         if newest and (f + 1) * FOLDER_MS <= newest - MARGIN_MS:
             break
         found = _records(fs, [folders[f]])
         records.update(found)
-        newest = max([newest, *map(_ms, found)])
-    return _cursor(newest or int(now * 1000), list(records), now), [records[name] for name in sorted(records)]
+        newest, read = max([newest, *map(_ms, found)]), read + 1
+    return (_cursor(newest or int(now * 1000), list(records), now), [records[name] for name in sorted(records)],
+            [folders[f] for f in kept[read:]])
+
+
+def read_folder(fs: AbstractFileSystem, folder: str) -> tuple[int, dict[str, list[Carried]]]:
+    """How many records one folder holds, and the writes they carry (as ``read``)."""
+    records = _records(fs, [folder])
+    return len(records), read(fs, [records[name] for name in sorted(records)])[1]
 
 
 def changes(fs: AbstractFileSystem, experiment_path: str,

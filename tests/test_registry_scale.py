@@ -513,6 +513,50 @@ def test_runners_writes_are_read_from_their_records_names_in_the_order_of_their_
     assert any(".states" in p for p in requests.listed) and "get_object" not in requests.calls
 
 
+def test_the_first_ls_after_an_hour_away_reads_older_records_not_the_states(
+        s3_bucket: str, requests: Requests) -> None:
+    root = f"{s3_bucket}/registry"
+    writer = Registry(root)
+    now = time.time()
+    with pytest.MonkeyPatch.context() as clock:
+        # Three hours ago: 20 runs written and listed (the index in the bucket, its full listing
+        # then). Two hours ago: every runner wrote again. Now: one write by another run, so the
+        # newest records are recent and those of two hours ago are in older folders.
+        clock.setattr(journal.time, "time", lambda: now - 3 * 3600)
+        for i in range(20):
+            writer.write_state(RunState(experiment="grid", run_id=f"r{i:02d}", status="queued"))
+        Registry(root).runs("grid")
+        clock.setattr(journal.time, "time", lambda: now - 2 * 3600)
+        written = {f"r{i:02d}": writer.update("grid", f"r{i:02d}", status="running", step=i) for i in range(20)}
+    writer.write_state(RunState(experiment="grid", run_id="late", step=1))
+    written["late"] = writer.state("grid", "late")
+
+    # The index's full listing is three hours old: the reader lists the mirror and takes each
+    # changed state from the older folder's records, while their MD5s match the listed ETags.
+    older = f"{journal.CHANGES}/{journal_folder(-2 * 3600 * 1000)}"
+    requests.reset()
+    assert {s.run_id: s for s in Registry(root).runs("grid")} == written
+    assert requests.calls["get_object"] == 1  # the index
+    assert any(p.rstrip("/").endswith(older) for p in requests.listed)
+
+    # A state that no record carries (its writer killed before the record): older folders are
+    # listed only while they cost less than the GETs left, here one folder for one GET.
+    fs, base = storage.filesystem(root)
+    state = writer.state("grid", "r05").model_copy(update={"step": 500})
+    storage.write_bytes(storage.join(root, "grid", STATES, "r05.json"), state.model_dump_json().encode())
+    with pytest.MonkeyPatch.context() as clock:
+        clock.setattr(journal, "FULL_LISTING_S", 0.0)
+        for i in range(3):  # more older folders (three to five hours old), one record each
+            ms = int((now - (3 + i) * 3600) * 1000)
+            fs.pipe({f"{base}/grid/{journal.CHANGES}/{ms // journal.FOLDER_MS}/{ms:013d}-r{i:02d}": b""})
+        requests.reset()
+        assert [s.step for s in Registry(root).runs("grid") if s.run_id == "r05"] == [500]
+    assert requests.calls["get_object"] == 2  # the index and r05's mirror
+    journal_folders = [p for p in requests.listed if f"/{journal.CHANGES}/" in p.rstrip("/") + "/"
+                       and p.rstrip("/").rsplit("/", 1)[-1].isdigit()]
+    assert len(journal_folders) <= 2, journal_folders  # the recent folder, and one older
+
+
 def test_a_state_too_long_for_a_name_goes_in_a_record_without_it(s3_bucket: str) -> None:
     root = f"{s3_bucket}/registry"
     _, base = storage.filesystem(root)
