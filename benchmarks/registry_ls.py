@@ -196,6 +196,10 @@ def naive_read(root: str) -> int:
 Row = tuple[str, int | None, str, list[float], str]
 
 
+def against(seconds: float, target: float) -> str:
+    return f"target ≤ {target:.0f} s: {'PASS' if seconds <= target else 'FAIL'}"
+
+
 def measure(kind: str, base: str, sizes: list[int], repeats: int, naive_max: int, cold_max: int) -> Iterator[Row]:
     maestro = str(Path(sys.executable).with_name("maestro"))
 
@@ -220,7 +224,7 @@ def measure(kind: str, base: str, sizes: list[int], repeats: int, naive_max: int
         warm = timed(lambda root=root, runs=runs: ls(root, runs), reps)
         target = TARGETS_S.get(runs) if kind == "s3" else None
         slowest = max(warm + (first if cold else []))
-        verdict = f"; target ≤ {target:.0f} s: {'PASS' if slowest <= target else 'FAIL'}" if target else ""
+        verdict = f"; {against(slowest, target)}" if target else ""
         yield (kind, runs, "maestro ls, warm", warm, per_run(warm, runs) + verdict)
         listed: list[float] = []
         with counted_requests() as calls:
@@ -242,16 +246,14 @@ def measure(kind: str, base: str, sizes: list[int], repeats: int, naive_max: int
             changed = change_states(root, CHANGED)
             after = timed(lambda root=root, runs=runs: ls(root, runs), 1)
             yield (kind, runs, f"maestro ls, first after {changed:,} changed states", after,
-                   per_run(after, runs) + (f"; target ≤ {target:.0f} s: {'PASS' if after[0] <= target else 'FAIL'}"
-                                           if target else ""))
+                   per_run(after, runs) + (f"; {against(after[0], target)}" if target else ""))
             # The first `ls` after an hour away, when the index's hourly full listing is due:
             # 1,000 states that runners wrote two hours ago, their records in older folders.
             changed = change_states(root, CHANGED, clock=time.time() - 2 * 3600)
             age_indexes(root, 3 * 3600)
             after = timed(lambda root=root, runs=runs: ls(root, runs), 1)
             yield (kind, runs, f"maestro ls, first after an hour away, {changed:,} states changed 2 h ago", after,
-                   per_run(after, runs) + (f"; target ≤ {target:.0f} s: {'PASS' if after[0] <= target else 'FAIL'}"
-                                           if target else ""))
+                   per_run(after, runs) + (f"; {against(after[0], target)}" if target else ""))
         if runs <= naive_max:
             naive = timed(lambda root=root: naive_read(root), repeats)
             yield (kind, runs, "naive: cat_file per run, in turn", naive,
@@ -266,7 +268,7 @@ def measure(kind: str, base: str, sizes: list[int], repeats: int, naive_max: int
                 listed_runs += CHANGED
                 after = timed(lambda root=root, n=listed_runs: ls(root, n), 1)
                 yield (kind, runs, f"maestro ls, first after submitting {CHANGED:,} runs {where}", after,
-                       f"target ≤ {target:.0f} s: {'PASS' if after[0] <= target else 'FAIL'}" if target else "")
+                       against(after[0], target) if target else "")
 
 
 def main() -> None:
