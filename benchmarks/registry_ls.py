@@ -15,8 +15,9 @@ each it times:
   (ls(N) - ls(1)) / N is the cost per run, on this machine, in this run;
 - ``Registry(root).runs()`` in-process, warm (what `maestro watch` pays per refresh);
 - up to ``--naive-max`` runs, the naive read it replaces, one ``fs.cat_file`` per state.json in turn;
-- on S3, the first `ls` after 1,000 runners' writes: just after them, and after an hour away
-  (written two hours ago, the index's hourly full listing due); and after a grid's submit.
+- on S3, the first `ls` after 1,000 runners' writes: just after them; after hours away (written
+  two hours ago, the index read three hours ago); after a day away (written 20 hours ago, the
+  index's daily full listing due); and after a grid's submit.
 
 Above ``--cold-max`` runs, a cold `ls` on moto would take minutes (each GET costs ~8 ms of CPU on
 the two ends), so there the S3 registry starts with the experiment index that a first `ls` leaves,
@@ -172,12 +173,14 @@ def change_states(root: str, count: int, clock: float | None = None) -> int:
 
 
 def age_indexes(root: str, seconds: float) -> None:
-    """Backdate each experiment index's last full listing, so the next reader makes one."""
+    """Backdate each experiment index as if last read that long ago: its journal cursor and its
+    last full listing."""
     for exp in Registry(root).experiments():
         path = storage.join(root, exp, INDEX)
         index = _Index.model_validate_json(storage.read_bytes(path))
         assert index.cursor is not None
         index.cursor.listed -= seconds
+        index.cursor.ms -= int(seconds * 1000)
         storage.write_bytes(path, index.dump())
 
 
@@ -247,13 +250,15 @@ def measure(kind: str, base: str, sizes: list[int], repeats: int, naive_max: int
             after = timed(lambda root=root, runs=runs: ls(root, runs), 1)
             yield (kind, runs, f"maestro ls, first after {changed:,} changed states", after,
                    per_run(after, runs) + (f"; {against(after[0], target)}" if target else ""))
-            # The first `ls` after an hour away, when the index's hourly full listing is due:
-            # 1,000 states that runners wrote two hours ago, their records in older folders.
-            changed = change_states(root, CHANGED, clock=time.time() - 2 * 3600)
-            age_indexes(root, 3 * 3600)
-            after = timed(lambda root=root, runs=runs: ls(root, runs), 1)
-            yield (kind, runs, f"maestro ls, first after an hour away, {changed:,} states changed 2 h ago", after,
-                   per_run(after, runs) + (f"; {against(after[0], target)}" if target else ""))
+            # The first `ls` after hours away: 1,000 states that runners wrote two hours ago, the
+            # index read three hours ago. Then after a day away, when the index's daily full
+            # listing is due: 1,000 states written 20 hours ago, their records in older folders.
+            for away, written in ((3, 2), (25, 20)):
+                changed = change_states(root, CHANGED, clock=time.time() - written * 3600)
+                age_indexes(root, away * 3600)
+                after = timed(lambda root=root, runs=runs: ls(root, runs), 1)
+                yield (kind, runs, f"maestro ls, first after {away} h away, {changed:,} states changed {written} h ago",
+                       after, per_run(after, runs) + (f"; {against(after[0], target)}" if target else ""))
         if runs <= naive_max:
             naive = timed(lambda root=root: naive_read(root), repeats)
             yield (kind, runs, "naive: cat_file per run, in turn", naive,

@@ -197,7 +197,7 @@ def _take_carried(stale: list[str], versions: dict[str, str], runs: dict[str, _E
 
 def _etag(md5: str) -> str:
     """The version a listing of S3 gives an object written by one plain PUT: its quoted MD5. An
-    index keeps it for states read from the journal, so the hourly full listing does not fetch
+    index keeps it for states read from the journal, so the daily full listing does not fetch
     them again; on a store whose versions differ, that listing only fetches them."""
     return f'"{md5}"'
 
@@ -325,8 +325,9 @@ class Registry:
 
     def _create(self, runs: list[tuple[RunState, dict[str, bytes]]]) -> None:
         """Write new runs, each state with its other files by name, in one pack per experiment,
-        then, on object stores, the journal's record: a 1,000-run grid is two files on local disk
-        (the pack and its run ids), not 5,000 fsync'd ones, and three PUTs on object stores."""
+        on object stores between the journal's intent and its record: a 1,000-run grid is two
+        files on local disk (the pack and its run ids), not 5,000 fsync'd ones, and four PUTs and a
+        DELETE on object stores."""
         fs, base = storage.filesystem(self.root)
         if not runs:
             return
@@ -337,6 +338,11 @@ class Registry:
                 "state.json": state.model_dump_json().encode(), **files}
         packs = {f"{base}/{exp}/{PACKS}/{int(time.time() * 1000):013d}~{uuid.uuid4().hex[:12]}.json": packed
                  for exp, packed in by_experiment.items()}
+        tag = journal.new_tag()
+        begun = {} if storage.is_local(fs) else {
+            path: blob for exp, packed in by_experiment.items()
+            for path, blob in journal.intent_files(f"{base}/{exp}", list(packed), tag, carry=True).items()}
+        self._write_many(begun)
         self._write_many({path: json.dumps({run_id: {name: data.decode() for name, data in files.items()}
                                             for run_id, files in packed.items()}).encode()
                           for path, packed in packs.items()})
@@ -350,14 +356,16 @@ class Registry:
         self._write_many({path: blob for exp, packed in by_experiment.items()
                           for path, blob in journal.record_files(
                               f"{base}/{exp}", {r: files["state.json"] for r, files in packed.items()},
-                              carry=True).items()})
+                              tag, carry=True).items()})
+        journal.end(fs, list(begun))
 
     def _commit(self, states: list[RunState], files: dict[str, bytes]) -> None:
         """Write ``files`` (paths inside the root's filesystem) and these states, in concurrent
-        batches whose order is the rule: the files and each state.json, then the states' listing
-        mirrors, which make a run count as created, so a submit cut short leaves no half-made run;
-        then, on object stores, the journal's records of the changes, so a reader that sees a
-        record finds the mirror it names already written."""
+        batches whose order is the rule: on object stores, the journal's intents, so a reader
+        learns of a write that stops part-way; the files and each state.json, then the states'
+        listing mirrors, which make a run count as created, so a submit cut short leaves no
+        half-made run; then the journal's records of the changes, so a reader that sees a record
+        finds the mirror it names already written, and the intents are deleted."""
         fs, base = storage.filesystem(self.root)
         mirrors: dict[str, bytes] = {}
         by_experiment: dict[str, dict[str, bytes]] = {}
@@ -368,11 +376,17 @@ class Registry:
             files[f"{base}/{state.key}/state.json"] = data
             mirrors[f"{base}/{state.experiment}/{STATES}/{state.run_id}.json"] = data
             by_experiment.setdefault(state.experiment, {})[state.run_id] = data
+        journaled = not storage.is_local(fs) and by_experiment
+        tag = journal.new_tag()
+        begun = {path: blob for exp, written in by_experiment.items() if journaled
+                 for path, blob in journal.intent_files(f"{base}/{exp}", list(written), tag).items()}
+        self._write_many(begun)
         self._write_many(files)
         self._write_many(mirrors)
-        if not storage.is_local(fs) and by_experiment:
+        if journaled:
             self._write_many({path: blob for exp, written in by_experiment.items()
-                              for path, blob in journal.record_files(f"{base}/{exp}", written).items()})
+                              for path, blob in journal.record_files(f"{base}/{exp}", written, tag).items()})
+            journal.end(fs, list(begun))
 
     def _write_many(self, files: dict[str, bytes]) -> None:
         """Write many objects (paths inside the root's filesystem) at once, each atomically as
@@ -595,8 +609,9 @@ class Registry:
     def _experiment_states(self, experiment: str) -> list[RunState]:
         """The states of one experiment. On local disk: every mirror copy, read at once. On object
         stores, from the experiment's index, which holds every state as last read: a reader whose
-        index had a full listing within ``journal.FULL_LISTING_S`` fetches only the states the
-        change journal names since the index's cursor; otherwise one listing of the mirror gives
+        index had a full listing within ``journal.FULL_LISTING_S`` takes the states the change
+        journal carries since the index's cursor, and fetches those it names alone; otherwise,
+        or when a writer stopped between its intent and its record, one listing of the mirror gives
         every run's version and only the states that changed since the index was written are
         fetched. The index is then rewritten for the next reader."""
         fs, base = storage.filesystem(storage.join(self.root, experiment))
@@ -616,8 +631,13 @@ class Registry:
         index = self._indexes.get(experiment) or self._read_index(experiment)
         runs = dict(index.runs)
         packs = index.packs
+        news = None
         if index.cursor is not None and time.time() - index.cursor.listed < journal.FULL_LISTING_S:
-            changed, carried, cursor = journal.changes(fs, base, index.cursor)
+            news = journal.changes(fs, base, index.cursor)
+            if journal.stalled(news[2]):  # its change, if any, is in the mirror alone
+                news = None
+        if news is not None:
+            changed, carried, cursor = news
             # A run's newest write, as its record carries it, needs no GET of its mirror, unless
             # its write numbers say a writer wrote from a replaced state (``journal.newest``).
             for run_id, writes in carried.items():
@@ -646,7 +666,7 @@ class Registry:
             # MD5 (S3's ETag of a plain PUT): the first listing of a new grid, or of states that
             # runners wrote, needs no GET per run.
             left = _take_carried(stale, versions, runs, journal.read(fs, records)[1] if stale else {})
-            # States written before the recent records (the first `ls` after an hour away): older
+            # States written before the recent records (the first `ls` after a day away): older
             # folders are read, newest first, while what they may cost stays below the GETs left.
             budget = len(left)
             for folder in older:

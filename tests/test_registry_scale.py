@@ -82,11 +82,13 @@ def test_submit_of_a_grid_writes_one_pack_whatever_its_size(s3_bucket: str, requ
         new = registry.create_many(runs, profile, steps)
         assert [s.run_id for s in new] == [r.run_id for r in runs]
         counts[size] = dict(requests.calls)
-    # The pack (every run's state.json, spec.json, cluster.yaml and events.jsonl), its list of run
-    # ids and one change record: three PUTs, whatever the grid's size. The existence check before
-    # them lists the mirror and the packs: no HEAD or GET per run.
-    assert counts[10] == counts[40] and counts[10]["put_object"] == 3
-    assert counts[10].keys() == {"put_object", "list_objects_v2"} and counts[10]["list_objects_v2"] <= 4
+    # The journal's intent, the pack (every run's state.json, spec.json, cluster.yaml and
+    # events.jsonl), its list of run ids and one change record: four PUTs, then one DELETE of the
+    # intent, whatever the grid's size. The existence check before them lists the mirror and the
+    # packs: no HEAD or GET per run.
+    assert counts[10] == counts[40] and counts[10]["put_object"] == 4 and counts[10]["delete_objects"] == 1
+    assert counts[10].keys() == {"put_object", "delete_objects", "list_objects_v2"}
+    assert counts[10]["list_objects_v2"] <= 4
 
     # Another process reads each run's files from the pack: no run has a folder yet.
     runs, profile, steps = grid(40, name="grid40")
@@ -190,7 +192,8 @@ def test_a_backend_records_a_grid_it_hands_over_in_concurrent_requests(s3_bucket
     specs = registry.specs(new)
     recorded = registry.update_many({s.key: {"status": "queued", "job_ids": [f"job-{i}"]} for i, s in enumerate(new)},
                                     "submitted", {s.key: {"job_id": f"job-{i}"} for i, s in enumerate(new)})
-    assert dict(requests.calls) == {"get_object": 2 * 30, "put_object": 5 * 30 + 1}  # + one change record
+    # + the change record and its intent, which is then deleted
+    assert dict(requests.calls) == {"get_object": 2 * 30, "put_object": 5 * 30 + 2, "delete_objects": 1}
     assert requests.most_in_flight > 1
     assert specs == {f"grid/{r.run_id}": r.spec for r in runs}
     # Another process (a later `resume`) reads them from the grid's pack: a listing of the packs,
@@ -223,7 +226,7 @@ def test_a_backend_records_a_grid_it_hands_over_in_concurrent_requests(s3_bucket
     # Written once, a run is written as any other: its spec and profile are not written again.
     requests.reset()
     registry.update_many({s.key: {"status": "requeued"} for s in new}, "resumed", {})
-    assert dict(requests.calls) == {"get_object": 2 * 30, "put_object": 3 * 30 + 1}
+    assert dict(requests.calls) == {"get_object": 2 * 30, "put_object": 3 * 30 + 2, "delete_objects": 1}
 
 
 def test_a_submit_writes_each_new_run_once_with_its_job_id(s3_bucket: str, requests: Requests) -> None:
@@ -242,8 +245,8 @@ def test_a_submit_writes_each_new_run_once_with_its_job_id(s3_bucket: str, reque
         registry.clear_cancels(new)  # a new run has no cancel request: no request
         registry.update_many({s.key: {"status": "queued", "job_ids": [f"job-{i}"]} for i, s in enumerate(new)},
                              "submitted", {s.key: {"job_id": f"job-{i}"} for i, s in enumerate(new)})
-    # The pack, its list of run ids and one change record.
-    assert dict(requests.calls) == {"put_object": 3}
+    # The journal's intent, the pack, its list of run ids, one change record; the intent deleted.
+    assert dict(requests.calls) == {"put_object": 4, "delete_objects": 1}
     reader = Registry(registry.root)
     for i, run in enumerate(runs):
         state = reader.state("grid", run.run_id)
@@ -354,8 +357,9 @@ def test_a_warm_ls_reads_the_change_journal_and_a_full_listing_finds_what_it_mis
     Registry(root).create_many(runs, profile, steps)
     assert [s.status for s in watcher.runs("grid") if s.run_id == runs[0].run_id] == ["pending"]
 
-    # A change whose record was never written (its writer killed after the mirror) stays unseen by
-    # the journal, until the full listing a reader makes every FULL_LISTING_S.
+    # A change the journal never heard of (a mirror put by hand, or by a writer of an older
+    # version killed before its record) stays unseen, until the full listing a reader makes every
+    # FULL_LISTING_S.
     state = writer.state("grid", "r3").model_copy(update={"step": 300})
     storage.write_bytes(storage.join(root, "grid", STATES, "r3.json"), state.model_dump_json().encode())
     assert watcher.runs("grid")[3].step == 3
@@ -363,6 +367,53 @@ def test_a_warm_ls_reads_the_change_journal_and_a_full_listing_finds_what_it_mis
     requests.reset()
     assert watcher.runs("grid")[3].step == 300
     assert any(".states" in p for p in requests.listed)
+
+
+class Killed(BaseException):
+    """The writer's process dying: nothing after it runs."""
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["one run", "a batch"])
+def test_a_writer_killed_before_its_record_makes_readers_list_the_mirror_once(
+        s3_bucket: str, requests: Requests, monkeypatch: pytest.MonkeyPatch, batch: bool) -> None:
+    root = f"{s3_bucket}/registry"
+    writer = Registry(root)
+    for i in range(5):
+        writer.write_state(RunState(experiment="grid", run_id=f"r{i}", step=i))
+    fs, base = storage.filesystem(root)
+    intents = lambda: [p for p in fs.find(f"{base}/grid/{journal.CHANGES}")  # noqa: E731
+                       if f"~{journal.INTENT}" in p.rsplit("/", 1)[-1]]
+    assert intents() == []  # each write deleted its intent after its record
+    watcher = Registry(root)
+    watcher.runs("grid")
+
+    # Killed after its state and mirror, before its record: the intent stays.
+    with pytest.MonkeyPatch.context() as kill:
+        kill.setattr(journal, "record_files", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+        with pytest.raises(Killed):
+            if batch:
+                states = [writer.state("grid", r).model_copy(update={"step": 300}) for r in ("r3", "r4")]
+                writer._commit(states, {})
+            else:
+                writer.update("grid", "r3", step=300)
+    assert len(intents()) == 1
+
+    # While the write may still be under way, a reader shows what it had, from the journal alone.
+    requests.reset()
+    assert [s.step for s in watcher.runs("grid")] == [0, 1, 2, 3, 4]
+    assert not any(".states" in p for p in requests.listed) and "get_object" not in requests.calls
+    # MARGIN_MS on, no record has followed: the writer stopped. The next read lists the mirror,
+    # which holds the change, long before the daily full listing.
+    later = time.time() + journal.MARGIN_MS / 1000 + 1
+    monkeypatch.setattr(journal.time, "time", lambda: later)
+    requests.reset()
+    assert [s.step for s in watcher.runs("grid")] == [0, 1, 2, 300, 300 if batch else 4]
+    assert any(".states" in p for p in requests.listed)
+    # Once: the listing covers the intent, which no later read waits for.
+    for reader in (watcher, Registry(root)):
+        requests.reset()
+        assert [s.step for s in reader.runs("grid")] == [0, 1, 2, 300, 300 if batch else 4]
+        assert not any(".states" in p for p in requests.listed)
 
 
 def test_the_first_ls_after_a_grid_is_submitted_reads_its_states_from_one_record(
@@ -513,7 +564,7 @@ def test_runners_writes_are_read_from_their_records_names_in_the_order_of_their_
     assert any(".states" in p for p in requests.listed) and "get_object" not in requests.calls
 
 
-def test_the_first_ls_after_an_hour_away_reads_older_records_not_the_states(
+def test_the_first_ls_after_hours_away_reads_the_journal_and_after_a_day_older_records_not_the_states(
         s3_bucket: str, requests: Requests) -> None:
     root = f"{s3_bucket}/registry"
     writer = Registry(root)
@@ -531,17 +582,32 @@ def test_the_first_ls_after_an_hour_away_reads_older_records_not_the_states(
     writer.write_state(RunState(experiment="grid", run_id="late", step=1))
     written["late"] = writer.state("grid", "late")
 
-    # The index's full listing is three hours old: the reader lists the mirror and takes each
-    # changed state from the older folder's records, while their MD5s match the listed ETags.
+    # The index was read three hours ago: the reader reads the journal's folders since then, not
+    # the mirror, and takes each changed state from the records.
     older = f"{journal.CHANGES}/{journal_folder(-2 * 3600 * 1000)}"
+    fs, base = storage.filesystem(root)
+    index = fs.cat_file(f"{base}/grid/{INDEX}")
     requests.reset()
     assert {s.run_id: s for s in Registry(root).runs("grid")} == written
     assert requests.calls["get_object"] == 1  # the index
     assert any(p.rstrip("/").endswith(older) for p in requests.listed)
+    assert not any(".states" in p for p in requests.listed)
 
-    # A state that no record carries (its writer killed before the record): older folders are
-    # listed only while they cost less than the GETs left, here one folder for one GET.
-    fs, base = storage.filesystem(root)
+    # A day after the index's full listing (here an hour, made shorter), a reader makes another:
+    # it lists the mirror and takes each changed state from the older folder's records, while
+    # their MD5s match the listed ETags.
+    fs.pipe_file(f"{base}/grid/{INDEX}", index)
+    with pytest.MonkeyPatch.context() as clock:
+        clock.setattr(journal, "FULL_LISTING_S", 3600.0)
+        requests.reset()
+        assert {s.run_id: s for s in Registry(root).runs("grid")} == written
+    assert requests.calls["get_object"] == 1  # the index
+    assert any(p.rstrip("/").endswith(older) for p in requests.listed)
+    assert any(".states" in p for p in requests.listed)
+
+    # A state that no record carries (put by hand, or by a writer of an older version killed
+    # before its record): older folders are listed only while they cost less than the GETs left,
+    # here one folder for one GET.
     state = writer.state("grid", "r05").model_copy(update={"step": 500})
     storage.write_bytes(storage.join(root, "grid", STATES, "r05.json"), state.model_dump_json().encode())
     with pytest.MonkeyPatch.context() as clock:
