@@ -193,13 +193,15 @@ def read(fs: AbstractFileSystem, paths: list[str]) -> tuple[set[str], dict[str, 
     """What records (paths, oldest first) say: the runs named without a state (by a name too long
     to carry it, or by an older batch), and each other run's writes as carried, oldest first. One
     GET per batch record; a one-run record's state is in its name. Intents say nothing here."""
-    batches = [p for p in paths if (name := p.rsplit("/", 1)[-1])[13] == "~" and name[14] != INTENT]
+    batches = [p for p in paths if (name := p.rsplit("/", 1)[-1])[13] == "~" and not _is_intent(name)]
     blobs = fs.cat(batches, on_error="omit") if batches else {}
     named: set[str] = set()
     carried: dict[str, list[Carried]] = {}
     for path in paths:
         name = path.rsplit("/", 1)[-1]
-        if name[13] == "-" and not name.endswith(f"~{INTENT}"):
+        if _is_intent(name):
+            continue
+        if name[13] == "-":
             run_id, write = _from_name(name)
             if write is None:
                 named.add(run_id)
@@ -216,6 +218,12 @@ def read(fs: AbstractFileSystem, paths: list[str]) -> tuple[set[str], dict[str, 
     return named, carried
 
 
+def _is_intent(name: str) -> bool:
+    """Whether a journal name is an intent (``intent_files``): ``~+`` ends a one-run intent (no
+    state in a name ends so: base64url has neither) and begins a batch's tag."""
+    return name.endswith(f"~{INTENT}") or name[13:15] == f"~{INTENT}"
+
+
 def _writer(name: str) -> str:
     """Which write a record or an intent belongs to, from its name alone: its run for one run's
     write (a later record of that run follows the intent); its tag for a batch."""
@@ -229,7 +237,7 @@ def _pending(names: list[str], pending: dict[str, int]) -> dict[str, int]:
     intents = dict(pending)
     for name in names:
         writer, ms = _writer(name), _ms(name)
-        if name.endswith(f"~{INTENT}") or name[13:15] == f"~{INTENT}":
+        if _is_intent(name):
             intents[writer] = min(ms, intents.get(writer, ms))
         else:
             done[writer] = max(ms, done.get(writer, ms))
@@ -273,8 +281,8 @@ def _cursor(newest: int, names: list[str], listed: float, pending: dict[str, int
 def start(fs: AbstractFileSystem, experiment_path: str) -> tuple[Cursor, list[str], list[str]]:
     """The cursor for a full listing of the mirror that follows this call: every record there is
     now is applied by that listing, and only intents younger than ``MARGIN_MS`` (writes that may
-    still be under way) wait for their records. Also what the recent records say, whose carried
-    states spare that listing's reader a GET for each state they still match, and the other kept
+    still be under way) wait for their records. Also the recent records (oldest first), whose
+    carried states spare that listing's reader a GET for each state they still match, the other kept
     folders (newest first), for ``read_folder`` when those leave many states to fetch. Deletes
     folders older than ``KEEP_MS``."""
     now = time.time()
