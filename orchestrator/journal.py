@@ -153,17 +153,28 @@ def record_files(experiment_path: str, states: dict[str, bytes], tag: str = "", 
     grid's runs for the first time there needs no GET for each. With ``carry``, even one run's
     record is a batch: runs written into a pack have no mirror for a reader to fetch. A batch's
     ``tag`` is its intent's (``intent_files``); a new one if none."""
-    ms = int(time.time() * 1000)
-    folder = f"{experiment_path}/{CHANGES}/{ms // FOLDER_MS}"
-    if len(states) == 1 and not carry:
+    stamp = _stamp(experiment_path)
+    if not _is_batch(len(states), carry):
         [(run_id, state)] = states.items()
-        path = f"{folder}/{ms:013d}-{run_id}"
+        path = f"{stamp}-{run_id}"
         carried = f"{path}~{_in_name(state)}"
         return {carried if len(carried.encode()) <= MAX_PATH else path: b""}
     # Each state's bytes go in as they are: the MD5 is of exactly those.
     body = b",".join(json.dumps(run_id).encode() + b':{"md5":"' + hashlib.md5(state).hexdigest().encode()
                      + b'","state":' + state + b"}" for run_id, state in states.items())
-    return {f"{folder}/{ms:013d}~{tag or new_tag()}": b'{"batch":{' + body + b"}}"}
+    return {f"{stamp}~{tag or new_tag()}": b'{"batch":{' + body + b"}}"}
+
+
+def _stamp(experiment_path: str) -> str:
+    """Where a record or intent written now goes, and how its name begins: ``<folder>/<ms>``."""
+    ms = int(time.time() * 1000)
+    return f"{experiment_path}/{CHANGES}/{ms // FOLDER_MS}/{ms:013d}"
+
+
+def _is_batch(runs: int, carry: bool) -> bool:
+    """Whether a write's record and intent are a batch's (by tag) or one run's (by run id): one
+    rule for both, since a reader matches an intent to its record by the same key."""
+    return runs != 1 or carry
 
 
 def new_tag() -> str:
@@ -174,12 +185,11 @@ def new_tag() -> str:
 def intent_files(experiment_path: str, run_ids: list[str], tag: str, carry: bool = False) -> dict[str, bytes]:
     """The intent of a write of these runs of one experiment, to put before the write and delete
     after its record (``record_files``, with the same ``tag`` and ``carry``)."""
-    ms = int(time.time() * 1000)
-    folder = f"{experiment_path}/{CHANGES}/{ms // FOLDER_MS}"
-    if len(run_ids) == 1 and not carry:
-        return {f"{folder}/{ms:013d}-{run_ids[0]}~{INTENT}": b""}
+    stamp = _stamp(experiment_path)
+    if not _is_batch(len(run_ids), carry):
+        return {f"{stamp}-{run_ids[0]}~{INTENT}": b""}
     # An empty list: what a reader of an older version takes for a batch naming no run.
-    return {f"{folder}/{ms:013d}~{INTENT}{tag}": b"[]"}
+    return {f"{stamp}~{INTENT}{tag}": b"[]"}
 
 
 def end(fs: AbstractFileSystem, intents: list[str]) -> None:
