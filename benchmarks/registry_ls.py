@@ -147,8 +147,8 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
-def run_command(cmd: list[str], expect_rows: int | None = None) -> None:
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def run_command(cmd: list[str], expect_rows: int | None = None, env: dict[str, str] | None = None) -> None:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {out.returncode}: {out.stderr.strip()[-2000:]}")
     if expect_rows is not None:
